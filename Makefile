@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first
+# (again only when pyproject.toml or the setup script changed).
+.PHONY: setup demo test test-all lint
+
+STAMP := .venv/.setup-stamp
+
+$(STAMP): pyproject.toml .ci/setup
+	bash .ci/setup
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	.venv/bin/loraplex demo
+
+# pytest exits 5 when it collected nothing: for us that is a failure, said plainly.
+test: $(STAMP)
+	@.venv/bin/python -m pytest -m "not slow"; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected: that is a failure"; exit 1; fi; exit $$rc
+
+test-all: $(STAMP)
+	.venv/bin/python -m pytest
+
+lint: $(STAMP)
+	.venv/bin/ruff check server trainer adapters tests benchmarks

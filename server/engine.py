@@ -1,0 +1,229 @@
+"""vLLM behind the `Engine` interface: the only module of the server that imports vllm.
+
+It runs vLLM's V1 `AsyncLLM` in this process (its engine core may still be a child process),
+turns our `GenRequest` into vLLM's tokens prompt + `SamplingParams` + `LoRARequest`, and turns
+vLLM's delta outputs back into our `Chunk`s.
+
+It also carries `apply_vllm_fixes`, registered as a vLLM general plugin (pyproject's
+`vllm.general_plugins` entry point) so it runs in every vLLM process, the engine core included.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from loraplex.server.interface import Chunk, CompletionDelta, GenRequest, LoraRef, TokenLogprob
+
+log = logging.getLogger("loraplex.engine")
+
+
+@dataclass
+class EngineConfig:
+    """The engine's share of the server settings (see loraplex.server.settings)."""
+
+    model: str
+    served_model_name: str
+    max_model_len: int = 2048
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 16
+    max_num_seqs: int = 64
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    cpu_kvcache_space_gib: int | None = None
+    enforce_eager: bool = False
+    seed: int = 0
+
+
+def _skip_rows_without_lora(op, zero: str):
+    """Wrap a CPU torch LoRA op so rows whose adapter index is -1 get no LoRA delta.
+
+    vLLM marks base-model tokens with index -1. Its Triton kernels skip them, but the CPU
+    torch ops gather `weights[indices]`, and -1 selects the *last* adapter slot: a base
+    request batched beside adapter requests silently gets an adapter's delta (seen here:
+    the toy base answered with the `upper` adapter's output; upstream vllm#48421, #49656,
+    open for 0.32). Zeroing those rows (the shrink output, or the expand input) makes the
+    delta exactly zero and leaves rows with a real index bit-for-bit unchanged.
+    """
+
+    def fixed(inputs, weights, output, indices, *args, **kwargs):
+        none = indices < 0
+        if not bool(none.any()):
+            return op(inputs, weights, output, indices, *args, **kwargs)
+        safe = indices.clamp(min=0)
+        if zero == "input":
+            inputs = inputs.masked_fill(none[: inputs.shape[0], None], 0)
+            return op(inputs, weights, output, safe, *args, **kwargs)
+        result = op(inputs, weights, output, safe, *args, **kwargs)
+        output[: none.shape[0]][none[: output.shape[0]]] = 0
+        return result
+
+    fixed.__loraplex_fixed__ = True
+    return fixed
+
+
+def apply_vllm_fixes() -> None:
+    """vLLM general plugin: patch the CPU LoRA ops (idempotent; a no-op off CPU)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    import vllm.lora.ops.torch_ops as ops_pkg
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    if getattr(ops.bgmv_shrink, "__loraplex_fixed__", False):
+        return
+    fixed = {
+        "bgmv_shrink": _skip_rows_without_lora(ops.bgmv_shrink, zero="output"),
+        "bgmv_expand": _skip_rows_without_lora(ops.bgmv_expand, zero="input"),
+        "bgmv_expand_slice": _skip_rows_without_lora(ops.bgmv_expand_slice, zero="input"),
+    }
+    # sgmv_* (prefill) call the bgmv_* module globals; punica_cpu bound the names at import.
+    for module in (ops, ops_pkg, punica_cpu):
+        for name, fn in fixed.items():
+            if hasattr(module, name):
+                setattr(module, name, fn)
+    log.info("applied the CPU LoRA no-adapter-row fix (vllm#48421)")
+
+
+class VllmEngine:
+    """`Engine` over vLLM's AsyncLLM."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.max_model_len = config.max_model_len
+        self._llm = None
+
+    async def start(self) -> None:
+        if self.config.cpu_kvcache_space_gib is not None:
+            # vLLM reads this from the environment at engine start on CPU.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.cpu_kvcache_space_gib)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        apply_vllm_fixes()
+        c = self.config
+        args = AsyncEngineArgs(
+            model=c.model,
+            served_model_name=[c.served_model_name],
+            max_model_len=c.max_model_len,
+            enable_lora=True,
+            max_loras=c.max_loras,
+            max_lora_rank=c.max_lora_rank,
+            max_cpu_loras=c.max_cpu_loras,
+            max_num_seqs=c.max_num_seqs,
+            enable_prefix_caching=True,
+            dtype=c.dtype,
+            gpu_memory_utilization=c.gpu_memory_utilization,
+            enforce_eager=c.enforce_eager,
+            seed=c.seed,
+            disable_log_stats=False,  # keeps vLLM's own vllm:* Prometheus series
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        self.max_model_len = self._llm.model_config.max_model_len
+
+    async def stop(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    @property
+    def ready(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise RuntimeError("engine not started")
+        await self._llm.check_health()
+
+    # -- adapters -----------------------------------------------------------------------
+    @staticmethod
+    def _lora_request(lora: LoraRef):
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=lora.key, lora_int_id=lora.int_id, lora_path=lora.path)
+
+    async def add_lora(self, lora: LoraRef) -> None:
+        await self._llm.add_lora(self._lora_request(lora))
+
+    async def remove_lora(self, lora: LoraRef) -> None:
+        await self._llm.remove_lora(lora.int_id)
+
+    async def pin_lora(self, lora: LoraRef) -> None:
+        await self._llm.pin_lora(lora.int_id)
+
+    async def loaded_lora_ids(self) -> set[int]:
+        return set(await self._llm.list_loras())
+
+    # -- generation ---------------------------------------------------------------------
+    def _sampling_params(self, req: GenRequest):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+        s = req.sampling
+        structured = None
+        if s.json_schema is not None:
+            structured = StructuredOutputsParams(json=s.json_schema)
+        elif s.json_object:
+            structured = StructuredOutputsParams(json_object=True)
+        return SamplingParams(
+            n=s.n,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=s.stop or None,
+            stop_token_ids=s.stop_token_ids or None,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            logprobs=s.logprobs,
+            ignore_eos=s.ignore_eos,
+            structured_outputs=structured,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, req: GenRequest) -> AsyncIterator[Chunk]:
+        from vllm.inputs import TokensPrompt
+
+        params = self._sampling_params(req)
+        lora = self._lora_request(req.lora) if req.lora else None
+        stream = self._llm.generate(
+            TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id,
+            lora_request=lora,
+        )
+        finished = False
+        try:
+            async for out in stream:
+                finished = out.finished
+                yield Chunk(
+                    deltas=[_delta(o, req.sampling.logprobs) for o in out.outputs],
+                    prompt_tokens=len(out.prompt_token_ids or req.prompt_token_ids),
+                    finished=out.finished,
+                )
+        finally:
+            if not finished:  # the client went away or the caller stopped early
+                await self._llm.abort(req.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+
+def _delta(o, want_logprobs: int | None) -> CompletionDelta:
+    lps = None
+    if want_logprobs is not None and o.logprobs is not None:
+        lps = []
+        for token_id, alternatives in zip(o.token_ids, o.logprobs):
+            chosen = alternatives[token_id]
+            ranked = sorted(alternatives.values(), key=lambda lp: lp.rank or 0)[:want_logprobs]
+            lps.append(TokenLogprob(
+                token=chosen.decoded_token or "",
+                logprob=max(chosen.logprob, -9999.0),
+                top=[(a.decoded_token or "", max(a.logprob, -9999.0)) for a in ranked],
+            ))
+    return CompletionDelta(
+        index=o.index, text=o.text, token_ids=list(o.token_ids), logprobs=lps,
+        finish_reason=o.finish_reason,
+    )

@@ -1,0 +1,112 @@
+"""The small interface between the API server and the inference engine.
+
+Only `loraplex.server.engine` imports vLLM; everything else (routes, adapter manager, metrics)
+speaks these plain dataclasses, so it can be read and unit-tested without an engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """One adapter version as the engine sees it.
+
+    `int_id` is stable and unique per (name, version): vLLM keys its LoRA slots and prefix
+    cache on it, so a new version never reuses the old version's cached KV blocks.
+    """
+
+    name: str
+    version: int
+    int_id: int
+    path: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass
+class SamplingSpec:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # top-k alternatives per token; 0 = only the chosen token
+    json_schema: dict | None = None
+    json_object: bool = False
+    ignore_eos: bool = False
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class CompletionDelta:
+    """New output of one of the `n` choices since the previous chunk."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Chunk:
+    deltas: list[CompletionDelta]
+    prompt_tokens: int
+    finished: bool
+
+
+@dataclass
+class GenRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    lora: LoraRef | None = None
+
+
+class Engine(Protocol):
+    """What the server needs from an inference engine."""
+
+    max_model_len: int
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(self, req: GenRequest) -> AsyncIterator[Chunk]:
+        """Stream deltas; closing the iterator early aborts the request in the engine."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def add_lora(self, lora: LoraRef) -> None:
+        """Load the adapter into the engine's host cache (so the first request is not a load)."""
+        ...
+
+    async def remove_lora(self, lora: LoraRef) -> None: ...
+
+    async def pin_lora(self, lora: LoraRef) -> None: ...
+
+    async def loaded_lora_ids(self) -> set[int]: ...
+
+    async def check_health(self) -> None:
+        """Raise if the engine is dead."""
+        ...
+
+    @property
+    def ready(self) -> bool: ...

@@ -1,0 +1,101 @@
+"""The OpenAI routes: /v1/chat/completions, /v1/completions, /v1/models, /v1/render."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ValidationError
+
+from loraplex.adapters.errors import BadRequest
+from loraplex.server.openai.protocol import ChatCompletionRequest, CompletionRequest, RenderRequest
+
+
+def _param(loc: tuple) -> str:
+    """pydantic's error location -> OpenAI's `param` (`messages[0].role`)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in ("body",) and not str(part).startswith(("function-", "constrained-")):
+            out += ("." if out else "") + str(part)
+    return out or "body"
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> Any:
+    """Parse by hand (not FastAPI's 422 path) so every failure is an OpenAI-shaped 400."""
+    try:
+        data = await request.json()
+    except Exception:
+        raise BadRequest("the request body is not valid JSON", param="body") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object", param="body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = _param(tuple(err["loc"]))
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        raise BadRequest(f"invalid {param}: {msg}{got}", param=param) from None
+
+
+def _schema(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema(by_alias=True)}}}}
+
+
+def build_router(state, require_key) -> APIRouter:
+    r = APIRouter(dependencies=[Depends(require_key)])
+
+    @r.post("/v1/chat/completions", openapi_extra=_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        return await state.serving.chat(await parse_body(request, ChatCompletionRequest), request)
+
+    @r.post("/v1/completions", openapi_extra=_schema(CompletionRequest))
+    async def completions(request: Request):
+        return await state.serving.completion(await parse_body(request, CompletionRequest), request)
+
+    @r.post("/v1/render", openapi_extra=_schema(RenderRequest))
+    async def render(request: Request):
+        """The prompt and token ids a chat request would be sent to the engine with."""
+        req = await parse_body(request, RenderRequest)
+        version = await state.manager.resolve(req.model, None)
+        return state.serving.render(req, version)
+
+    @r.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": list_models(state)}
+
+    return r
+
+
+def list_models(state) -> list[dict]:
+    """The base, then per adapter name: the name, each version and each alias as a model id."""
+    s = state.settings
+    snap = state.manager.snapshot
+    base_fp = state.manager.base.fingerprint
+    now = int(time.time())
+    data: list[dict] = [{"id": s.served_model_name, "object": "model", "created": now,
+                         "owned_by": "loraplex", "root": str(s.model), "parent": None}]
+    names = sorted({v.name for v in snap.versions
+                    if v.state == "active" and v.base_fingerprint == base_fp})
+    for name in names:
+        versions = [v for v in snap.versions if v.name == name and v.state == "active"]
+        aliases = {a.alias: a.target for a in snap.aliases if a.name == name}
+        try:
+            default = snap.resolve(name)
+        except Exception:
+            continue
+        common = {"object": "model", "owned_by": "loraplex", "parent": s.served_model_name}
+        data.append({"id": name, **common, "created": int(default.created_at.timestamp()),
+                     "root": default.ref, "versions": [v.version for v in versions],
+                     "aliases": aliases, "chat_template_sha256": default.chat_template_sha256})
+        for v in versions:
+            data.append({"id": v.ref, **common, "created": int(v.created_at.timestamp()),
+                         "root": v.ref, "chat_template_sha256": v.chat_template_sha256})
+        for alias, target in aliases.items():
+            data.append({"id": f"{name}:{alias}", **common, "created": now,
+                         "root": f"{name}:{alias}", "target": target})
+    return data

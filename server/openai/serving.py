@@ -1,0 +1,321 @@
+"""Chat and text completions: resolve the adapter, render, generate, stream or aggregate.
+
+A chat request is rendered with the chat template of the adapter version it names (from the
+registry record), by the same `loraplex.adapters.chat.render` the trainer builds its labels
+with, and sent to the engine as token ids plus that template's stop token ids. vLLM V1 applies
+one chat template per server; doing it here is what lets every adapter keep its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from loraplex.adapters import chat
+from loraplex.adapters.errors import BadRequest, CapacityExceeded, LoraplexError
+from loraplex.adapters.records import AdapterVersion
+from loraplex.server.interface import Chunk, Engine, GenRequest, SamplingSpec, TokenLogprob
+from loraplex.server.lora_manager import AdapterManager
+from loraplex.server.metrics import Metrics
+from loraplex.server.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RenderRequest,
+)
+from loraplex.server.settings import ServerSettings
+
+
+class OpenAIServing:
+    def __init__(self, settings: ServerSettings, engine: Engine, manager: AdapterManager,
+                 metrics: Metrics):
+        self.settings = settings
+        self.engine = engine
+        self.manager = manager
+        self.metrics = metrics
+        self.tokenizer = chat.load_tokenizer(settings.model)
+        self.specials = chat.load_special_tokens(settings.model)
+        self.base_template = chat.resolve_template(None, settings.model)
+        self.in_flight = 0
+
+    # -- shared steps ---------------------------------------------------------------------
+    def _template(self, v: AdapterVersion | None) -> tuple[str, list[int]]:
+        template = (v.chat_template if v and v.chat_template else None) or self.base_template
+        stops = list(v.stop_tokens) if v and v.stop_tokens else chat.stop_tokens(
+            template, self.tokenizer, self.specials)
+        ids = [i for i in (self.tokenizer.token_to_id(t) for t in stops) if i is not None]
+        return template, ids
+
+    def _render(self, v: AdapterVersion | None, messages, add_generation_prompt=True):
+        template, stop_ids = self._template(v)
+        try:
+            rendered = chat.render(template, messages, self.tokenizer,
+                                   add_generation_prompt=add_generation_prompt,
+                                   special_tokens=self.specials)
+        except BadRequest as exc:
+            exc.param = exc.param or "messages"
+            raise
+        return rendered, stop_ids
+
+    def _budget(self, n_prompt: int, max_new: int | None, param: str) -> int:
+        room = self.engine.max_model_len - n_prompt
+        if room <= 0 or (max_new is not None and max_new > room):
+            raise BadRequest(
+                f"the prompt has {n_prompt} tokens and {max_new or 1} more were asked for, over "
+                f"this model's context of {self.engine.max_model_len} tokens: shorten the "
+                "prompt or lower max_tokens", param=param, code="context_length_exceeded")
+        return max_new if max_new is not None else room
+
+    def _admit(self) -> None:
+        if self.in_flight >= self.settings.max_queue:
+            raise CapacityExceeded(
+                f"{self.in_flight} requests are in flight, the limit (max_queue) is "
+                f"{self.settings.max_queue}: retry with backoff")
+
+    async def _target(self, model: str, user: str | None):
+        version = await self.manager.resolve(model, user)
+        lora = await self.manager.ensure_loaded(version) if version else None
+        return version, lora
+
+    def _labels(self, v: AdapterVersion | None) -> tuple[str, str]:
+        return (v.name, str(v.version)) if v else (self.settings.served_model_name, "base")
+
+    # -- endpoints ------------------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest, raw: Request):
+        self._admit()
+        version, lora = await self._target(req.model, req.user)
+        rendered, stop_ids = self._render(version, req.messages)
+        ids = rendered.token_ids
+        sampling = self._sampling(req, self._budget(len(ids), req.max_new_tokens(), "max_tokens"))
+        if not req.ignore_eos:
+            sampling.stop_token_ids = stop_ids
+        if req.logprobs:
+            sampling.logprobs = req.top_logprobs or 0
+        rf = req.response_format
+        if rf is not None and rf.type == "json_object":
+            sampling.json_object = True
+        elif rf is not None and rf.type == "json_schema":
+            sampling.json_schema = rf.json_schema.schema_
+        gen = GenRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, sampling, lora)
+        return await self._respond(gen, req, version, raw, kind="chat")
+
+    async def completion(self, req: CompletionRequest, raw: Request):
+        self._admit()
+        prompts = self._prompts(req.prompt)
+        if len(prompts) != 1:
+            raise BadRequest("send one prompt per request (batches of prompts are not supported)",
+                             param="prompt")
+        version, lora = await self._target(req.model, req.user)
+        ids = prompts[0]
+        sampling = self._sampling(req, self._budget(len(ids), req.max_tokens, "max_tokens"))
+        sampling.logprobs = req.logprobs
+        gen = GenRequest(f"cmpl-{uuid.uuid4().hex}", ids, sampling, lora)
+        return await self._respond(gen, req, version, raw, kind="text")
+
+    def render(self, req: RenderRequest, version: AdapterVersion | None) -> dict:
+        rendered, stop_ids = self._render(version, req.messages, req.add_generation_prompt)
+        return {
+            "model": req.model,
+            "adapter": version.ref if version else None,
+            "chat_template_sha256": version.chat_template_sha256 if version else None,
+            "prompt": rendered.text,
+            "token_ids": rendered.token_ids,
+            "stop_token_ids": stop_ids,
+            "segments": [{"kind": s.kind, "message": s.message_index, "text": s.text,
+                          "token_ids": s.token_ids} for s in rendered.segments],
+        }
+
+    # -- helpers --------------------------------------------------------------------------
+    def _prompts(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self.tokenizer.encode(prompt).ids]
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        out = []
+        for p in prompt:
+            out.append(self.tokenizer.encode(p).ids if isinstance(p, str) else list(p))
+        if not out or any(not p for p in out):
+            raise BadRequest("prompt is empty", param="prompt")
+        vocab = self.tokenizer.get_vocab_size()
+        for p in out:
+            if any(not 0 <= t < vocab for t in p):
+                raise BadRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return out
+
+    @staticmethod
+    def _sampling(req, max_tokens: int) -> SamplingSpec:
+        return SamplingSpec(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            n=req.n, stop=req.stop_list(), seed=req.seed,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            ignore_eos=req.ignore_eos,
+        )
+
+    async def _respond(self, gen: GenRequest, req, version, raw: Request, kind: str):
+        labels = self._labels(version)
+        endpoint = "chat" if kind == "chat" else "completions"
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        t0 = time.perf_counter()
+        stream = self._timed(gen, labels, t0)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            body = self._sse(stream, gen, req, kind, include_usage, labels, endpoint, t0)
+            return StreamingResponse(body, media_type="text/event-stream")
+        try:
+            result = await _until_disconnected(_collect(stream, gen.sampling.n), raw)
+            self.metrics.requests.labels(*labels, endpoint, "200").inc()
+            return JSONResponse(_final_body(gen, req, kind, *result))
+        finally:
+            self._done(labels, t0)
+
+    def _done(self, labels, t0: float) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.dec()
+        self.metrics.latency.labels(*labels).observe(time.perf_counter() - t0)
+
+    async def _timed(self, gen: GenRequest, labels, t0: float) -> AsyncIterator[Chunk]:
+        first = True
+        prompt_tokens = len(gen.prompt_token_ids)
+        completion = 0
+        try:
+            async for chunk in self.engine.generate(gen):
+                if first and any(d.token_ids for d in chunk.deltas):
+                    self.metrics.ttft.labels(*labels).observe(time.perf_counter() - t0)
+                    first = False
+                completion += sum(len(d.token_ids) for d in chunk.deltas)
+                prompt_tokens = chunk.prompt_tokens
+                yield chunk
+        finally:
+            self.metrics.prompt_tokens.labels(*labels).inc(prompt_tokens)
+            self.metrics.completion_tokens.labels(*labels).inc(completion)
+
+    async def _sse(self, stream, gen, req, kind, include_usage, labels, endpoint, t0):
+        created = int(time.time())
+        usage = [len(gen.prompt_token_ids), 0]
+        status = "200"
+        try:
+            if kind == "chat":  # OpenAI sends the role first, alone
+                yield _sse({"id": gen.request_id, "object": "chat.completion.chunk",
+                            "created": created, "model": req.model, "choices": [
+                                {"index": i, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None}
+                                for i in range(gen.sampling.n)]})
+            async for chunk in stream:
+                usage[0] = chunk.prompt_tokens
+                choices = []
+                for d in chunk.deltas:
+                    usage[1] += len(d.token_ids)
+                    if not d.text and not d.finish_reason and not d.token_ids:
+                        continue
+                    if kind == "chat":
+                        choices.append({"index": d.index, "delta": {"content": d.text},
+                                        "logprobs": _chat_logprobs(d.logprobs),
+                                        "finish_reason": _finish(d.finish_reason)})
+                    else:
+                        choices.append({"index": d.index, "text": d.text,
+                                        "logprobs": _text_logprobs(d.logprobs),
+                                        "finish_reason": _finish(d.finish_reason)})
+                if choices:
+                    yield _sse({"id": gen.request_id, "created": created, "model": req.model,
+                                "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                                "choices": choices, **({"usage": None} if include_usage else {})})
+            if include_usage:
+                yield _sse({"id": gen.request_id, "created": created, "model": req.model,
+                            "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                            "choices": [], "usage": _usage(*usage)})
+            yield b"data: [DONE]\n\n"
+        except LoraplexError as exc:  # after the 200 header: report in-band, as OpenAI does
+            status = str(exc.http_status)
+            yield _sse(exc.to_openai())
+        except asyncio.CancelledError:
+            status = "499"  # client closed the stream: the engine request is aborted
+            raise
+        finally:
+            self.metrics.requests.labels(*labels, endpoint, status).inc()
+            self._done(labels, t0)
+
+
+async def _until_disconnected(coro, raw: Request):
+    """Run `coro`, cancelling it (and so aborting the engine request) if the client leaves."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await raw.is_disconnected():
+                task.cancel()
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def _collect(stream: AsyncIterator[Chunk], n: int):
+    texts = [""] * n
+    lps: list[list[TokenLogprob] | None] = [None] * n
+    finish: list[str | None] = [None] * n
+    usage = [0, 0]
+    async for chunk in stream:
+        usage[0] = chunk.prompt_tokens
+        for d in chunk.deltas:
+            texts[d.index] += d.text
+            usage[1] += len(d.token_ids)
+            if d.logprobs is not None:
+                lps[d.index] = (lps[d.index] or []) + d.logprobs
+            finish[d.index] = d.finish_reason or finish[d.index]
+    return texts, lps, finish, usage
+
+
+def _final_body(gen: GenRequest, req, kind: str, texts, lps, finish, usage) -> dict:
+    if kind == "chat":
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                    "logprobs": _chat_logprobs(lps[i]), "finish_reason": _finish(finish[i])}
+                   for i in range(len(texts))]
+        obj = "chat.completion"
+    else:
+        choices = [{"index": i, "text": texts[i], "logprobs": _text_logprobs(lps[i]),
+                    "finish_reason": _finish(finish[i])} for i in range(len(texts))]
+        obj = "text_completion"
+    return {"id": gen.request_id, "object": obj, "created": int(time.time()), "model": req.model,
+            "choices": choices, "usage": _usage(*usage)}
+
+
+def _finish(reason: str | None) -> str | None:
+    return {"abort": "stop"}.get(reason, reason) if reason else None
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _chat_logprobs(lps: list[TokenLogprob] | None):
+    if lps is None:
+        return None
+    entry = lambda t, lp: {"token": t, "logprob": lp, "bytes": list(t.encode())}  # noqa: E731
+    return {"content": [{**entry(x.token, x.logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in x.top]} for x in lps]}
+
+
+def _text_logprobs(lps: list[TokenLogprob] | None):
+    if lps is None:
+        return None
+    offsets, pos = [], 0
+    for x in lps:
+        offsets.append(pos)
+        pos += len(x.token)
+    return {"tokens": [x.token for x in lps], "token_logprobs": [x.logprob for x in lps],
+            "top_logprobs": [dict(x.top) for x in lps], "text_offset": offsets}
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"

@@ -1,0 +1,216 @@
+"""The adapter directory a run produces, written atomically, and its registration.
+
+    <output>/
+      adapter_config.json, adapter_model.safetensors   PEFT LoRA (what vLLM loads)
+      chat_template.jinja                               the exact template it was trained with
+      loraplex.json                                     manifest: base fingerprint, template, stop
+                                                        tokens, data hash + counts, hyperparameters,
+                                                        metrics (the registry reads it)
+      report.json, loss.png, progress.jsonl             metrics, loss curves, the progress log
+      rejected.jsonl, train_config.yaml                 every dropped row; the effective options
+
+Everything is written into a hidden sibling directory and renamed into place at the end, so a
+failure at any point leaves no partial adapter under the output name. `preflight` checks the
+output and the registry options before any training, so a wrong path fails in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraplex.adapters.chat import template_label
+from loraplex.adapters.errors import ConfigError
+
+if TYPE_CHECKING:
+    from loraplex.adapters.records import PushResult
+    from loraplex.trainer.config import TrainConfig
+    from loraplex.trainer.dataset import DataReport
+    from loraplex.trainer.train import LoopState
+
+MANIFEST = "loraplex.json"
+MANIFEST_VERSION = 1
+
+
+def _check_writable(d: Path, what: str) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(dir=d, prefix=".loraplex-probe-")).rmdir()
+    except OSError as exc:
+        raise ConfigError(f"{what} {str(d)!r} is not writable ({exc.strerror or exc}); choose a "
+                          f"writable location", param=what.split()[0]) from None
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Fail before training on an unusable output, run dir or registry option."""
+    assert cfg.output is not None
+    out = cfg.output.expanduser()
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise ConfigError(f"output {str(out)!r} exists and is not a directory; choose "
+                              "another --output", param="output")
+        if any(out.iterdir()) and not cfg.overwrite:
+            raise ConfigError(f"output directory {str(out)!r} already exists and is not empty; "
+                              "pass --overwrite or choose another --output", param="output")
+    _check_writable(out.parent, "output directory")
+    _check_writable(cfg.work_dir, "run directory")
+    if cfg.register_name:
+        from loraplex.adapters.refs import check_alias, check_name
+
+        check_name(cfg.register_name)
+        if cfg.alias:
+            check_alias(cfg.alias)
+        if cfg.registry_base:
+            check_name(cfg.registry_base, "base name")
+        with _open_registry(cfg):
+            pass  # opens (and migrates) the database now rather than after an hour of training
+
+
+@contextlib.contextmanager
+def staging(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh hidden sibling of `out`; renamed onto `out` on success, deleted on any failure."""
+    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            if not overwrite and any(out.iterdir()):
+                raise ConfigError(f"output directory {str(out)!r} appeared during training; "
+                                  "pass --overwrite or choose another --output", param="output")
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def plot_losses(state: LoopState, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render straight to the PNG
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if state.train_loss:
+        steps, losses = zip(*state.train_loss)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="train (per step)")
+        k = max(1, len(losses) // 25)  # a moving average shows the trend under the noise
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"train (mean of {k})")
+    if state.eval_loss:
+        steps, losses = zip(*state.eval_loss)
+        ax.plot(steps, losses, "o-", color="tab:orange", lw=2, label="eval")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per labelled token)")
+    ax.set_title("loraplex train: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("loraplex", "torch", "transformers", "peft"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def write_adapter(cfg: TrainConfig, model: Any, *, base: Path, template: str, stops: list[str],
+                  data: DataReport, metrics: dict[str, Any], state: LoopState,
+                  run_dir: Path) -> Path:
+    """Write the adapter directory (see module doc) atomically; returns its path."""
+    import yaml
+
+    from loraplex.adapters.fingerprint import fingerprint_base
+
+    assert cfg.output is not None
+    out = cfg.output.expanduser().resolve()
+    manifest = {
+        "loraplex_manifest": MANIFEST_VERSION,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_fingerprint": fingerprint_base(base),
+        "base_model": str(base),
+        "chat_template": template,
+        "chat_template_name": cfg.chat_template or f"base ({template_label(template)})",
+        "stop_tokens": stops,
+        "data": {k: v for k, v in data.to_dict().items()},
+        "hyperparameters": cfg.hyperparameters(),
+        "metrics": {k: v for k, v in metrics.items() if k != "exact_match"}
+        | ({"exact_match": {k: v for k, v in metrics["exact_match"].items() if k != "samples"}}
+           if "exact_match" in metrics else {}),
+        "versions": _versions(),
+    }
+    with staging(out, cfg.overwrite) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        report = {"metrics": metrics, "data": data.to_dict(),
+                  "history": {"train_loss": state.train_loss, "eval_loss": state.eval_loss}}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        plot_losses(state, tmp / "loss.png")
+        progress = run_dir / "progress.jsonl"
+        if progress.is_file():
+            shutil.copyfile(progress, tmp / "progress.jsonl")
+        with open(tmp / "rejected.jsonl", "w") as f:
+            for r in data.rejected:
+                f.write(json.dumps({"source": r.source, "code": r.code, "detail": r.detail}) + "\n")
+        (tmp / "train_config.yaml").write_text(yaml.safe_dump(
+            cfg.model_dump(mode="json", by_alias=True, exclude={"inspect", "resume"}), sort_keys=False))
+    return out
+
+
+# -- registry ------------------------------------------------------------------------------------
+
+def _open_registry(cfg: TrainConfig) -> Any:
+    from loraplex.adapters.registry import Registry
+    from loraplex.adapters.settings import RegistrySettings
+
+    overrides = {k: v for k, v in (("registry_url", cfg.registry_url),
+                                   ("artifacts_url", cfg.artifacts_url)) if v}
+    return Registry.open(RegistrySettings(**overrides))
+
+
+def _slug(name: str) -> str:
+    s = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")
+    return (s or "base")[:64]
+
+
+def register(cfg: TrainConfig, adapter_dir: Path, base: Path) -> PushResult:
+    """Push the adapter as the next version of cfg.register (registering its base if needed)."""
+    from loraplex.adapters.fingerprint import fingerprint_base
+
+    manifest = json.loads((adapter_dir / MANIFEST).read_text())
+    with _open_registry(cfg) as reg:
+        fp = fingerprint_base(base)
+        name = cfg.registry_base
+        if name is None:
+            name = next((b.name for b in reg.list_bases() if b.fingerprint == fp), None)
+        if name is None or cfg.registry_base is not None:
+            name = reg.register_base(name or _slug(base.name), base).name
+        training = {"hyperparameters": manifest["hyperparameters"],
+                    "data": {k: manifest["data"][k] for k in
+                             ("data_sha256", "train", "eval", "dropped", "files")},
+                    "chat_template_name": manifest["chat_template_name"]}
+        return reg.push(adapter_dir, cfg.register_name, alias=cfg.alias, base=name,
+                        description=cfg.description, training=training,
+                        metrics=manifest["metrics"])
