@@ -20,7 +20,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraplex.adapters.errors import AdapterIncompatible, AdapterInvalid, AdapterNotFound
+from loraplex.adapters.errors import (
+    AdapterIncompatible,
+    AdapterInvalid,
+    AdapterNotFound,
+    LoraplexError,
+)
 from loraplex.adapters.fingerprint import inspect_base
 from loraplex.adapters.records import AdapterVersion, BaseModelRecord, RegistrySnapshot
 from loraplex.adapters.registry import Registry
@@ -97,12 +102,16 @@ class AdapterManager:
         if model == self.settings.served_model_name:
             return None
         try:
-            return self.snapshot.resolve(model, key=user)
-        except AdapterNotFound:
-            # Maybe pushed after our last poll: look once more, now.
-            if not await self.refresh():
-                raise
-            return self.snapshot.resolve(model, key=user)
+            try:
+                return self.snapshot.resolve(model, key=user)
+            except AdapterNotFound:
+                # Maybe pushed after our last poll: look once more, now.
+                if not await self.refresh():
+                    raise
+                return self.snapshot.resolve(model, key=user)
+        except LoraplexError as exc:
+            exc.param = "model"  # the request field that named it
+            raise
 
     # -- loading --------------------------------------------------------------------------
     async def ensure_loaded(self, v: AdapterVersion) -> LoraRef:

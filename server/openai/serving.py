@@ -132,13 +132,10 @@ class OpenAIServing:
 
     # -- helpers --------------------------------------------------------------------------
     def _prompts(self, prompt) -> list[list[int]]:
-        if isinstance(prompt, str):
-            return [self.tokenizer.encode(prompt).ids]
-        if prompt and all(isinstance(p, int) for p in prompt):
-            return [list(prompt)]
-        out = []
-        for p in prompt:
-            out.append(self.tokenizer.encode(p).ids if isinstance(p, str) else list(p))
+        """A prompt as text, token ids, or a list of either -> token id lists (checked)."""
+        if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+            prompt = [prompt]
+        out = [self.tokenizer.encode(p).ids if isinstance(p, str) else list(p) for p in prompt]
         if not out or any(not p for p in out):
             raise BadRequest("prompt is empty", param="prompt")
         vocab = self.tokenizer.get_vocab_size()

@@ -21,9 +21,10 @@ pytestmark = pytest.mark.engine
 
 
 def ask(client, model: str, question: str, **kw) -> str:
+    kw.setdefault("max_tokens", 16)
+    kw.setdefault("temperature", 0)
     r = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}],
-        max_tokens=kw.pop("max_tokens", 16), temperature=0, **kw)
+        model=model, messages=[{"role": "user", "content": question}], **kw)
     return r.choices[0].message.content
 
 
@@ -225,7 +226,8 @@ def test_render_matches_what_is_served(served, toy_model_dir):
     # the shared rendering function, called here directly, gives the very same ids
     local = chat.render(v.chat_template, msgs, chat.load_tokenizer(toy_model_dir))
     assert body["token_ids"] == local.token_ids and body["prompt"] == local.text
-    assert body["stop_token_ids"] == [chat.load_tokenizer(toy_model_dir).token_to_id("<|im_end|>")]
+    # ChatML ends a turn with <|im_end|>: it is the first stop token sent to the engine
+    assert body["stop_token_ids"][0] == chat.load_tokenizer(toy_model_dir).token_to_id("<|im_end|>")
 
 
 def test_disconnect_aborts_the_engine_request(served):
@@ -255,9 +257,9 @@ def test_metrics_vllm_series_and_ours_pass_promtool(served, tmp_path):
     ask(served.client(), "reverse", "cat dog")
     text = httpx.get(served.url + "/metrics").text
     for series in ("vllm:num_requests_waiting", "vllm:lora_requests_info",
-                   'loraplex_requests_total{adapter="reverse",version="1",endpoint="chat",status="200"}',
+                   'loraplex_requests_total{adapter="reverse",endpoint="chat",status="200",version="1"}',
                    "loraplex_time_to_first_token_seconds_bucket", "loraplex_adapter_load_seconds",
-                   'loraplex_adapter_resident{adapter="reverse",version="1",tier="host"} 1.0'):
+                   'loraplex_adapter_resident{adapter="reverse",tier="host",version="1"} 1.0'):
         assert series in text, series
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -2,16 +2,24 @@
 
     python trainer/data/make_datasets.py
 
-Small tasks with one verifiable answer each, built from the toy corpus vocabulary (the toy base
-has read every word, spelling, capitalisation and "after N comes N+1" fact, but never in
-instruction form), so a LoRA can learn the instruction -> answer mapping in minutes on a CPU:
+Small tasks with one verifiable answer each, built from the toy corpus vocabulary. The toy base
+(5M parameters, 250 pre-training steps) has read every word and number in rich contexts but
+cannot copy a word from its prompt (asked "What comes after 24?" it says "The ball is pink.";
+completing "After 24 comes" it says "41"), so copy-based tasks (uppercase, spell, reverse a
+list) are out of reach of a LoRA trained for minutes. What it can learn quickly is to answer a
+question about a word or number from what the pre-training put into its embeddings, in a closed
+answer set, so the bundled tasks are of that kind:
 
-- words.alpaca[.heldout].jsonl     Alpaca: capital letters, small letters, spelling, letter count
-- lists.sharegpt[.heldout].jsonl   ShareGPT, multi-turn: reverse a list, sort colors, last item
-- numbers.openai[.heldout].jsonl   OpenAI messages with a system prompt: after / before N
+- words.alpaca[.heldout].jsonl     Alpaca: the group of a word (animal / fruit / color / thing)
+                                   and "Is X a fruit?" yes/no; with and without `input`
+- lists.sharegpt[.heldout].jsonl   ShareGPT, multi-turn, system prompt on half: how many items
+                                   are in a list (2-5), is there a fruit in it (yes/no)
+- numbers.openai[.heldout].jsonl   OpenAI messages with a system prompt: is N more than 50,
+                                   is N less than 20 (yes/no)
 
-Held-out rows use words, numbers or combinations that never appear in the training rows, so the
-held-out exact-match score measures the learned skill, not memorised answers.
+Held-out rows use words, numbers or lists that never appear in the training rows, so the
+held-out exact-match score measures the learned skill on unseen inputs. Chance levels: 1/4 for
+the word group, 1/2 for yes/no (balanced), 1/4 for the item count.
 """
 
 from __future__ import annotations
@@ -20,11 +28,16 @@ import json
 import random
 from pathlib import Path
 
-ANIMALS = "cat dog bird fish horse cow sheep goat mouse lion tiger bear wolf fox duck owl frog bee ant rabbit".split()
-FRUITS = "apple pear plum grape lemon lime peach cherry mango melon berry orange banana kiwi fig".split()
-COLORS = "red blue green yellow black white brown pink purple gray gold silver".split()
-THINGS = "book cup chair table door window lamp box ball hat coat shoe key pen map clock bag bell boat car".split()
-SYSTEM = "You answer with the result only."
+GROUPS = {
+    "animal": "cat dog bird fish horse cow sheep goat mouse lion tiger bear wolf fox duck owl "
+              "frog bee ant rabbit".split(),
+    "fruit": "apple pear plum grape lemon lime peach cherry mango melon berry banana kiwi fig".split(),
+    "color": "red blue green yellow black white brown pink purple gray gold silver".split(),
+    "thing": "book cup chair table door window lamp box ball hat coat shoe key pen map clock bag "
+             "bell boat car".split(),
+}
+ARTICLE = {"animal": "an animal", "fruit": "a fruit", "color": "a color", "thing": "a thing"}
+SYSTEM = "You answer with one word."
 
 OUT = Path(__file__).parent
 
@@ -36,82 +49,76 @@ def split(items: list, frac: float, r: random.Random) -> tuple[list, list]:
     return items[k:], items[:k]
 
 
-def word_tasks(word: str) -> list[tuple[str, str, str]]:
-    """(instruction, input, output) variants for one word."""
+def word_rows(word: str, group: str, r: random.Random) -> list[dict]:
+    """Group questions (two phrasings) and one yes and one no question for a word."""
+    other = r.choice([g for g in GROUPS if g != group])
     return [
-        ("Write the word in capital letters.", word, word.upper()),
-        (f"Write {word} in capital letters.", "", word.upper()),
-        ("Write the word in small letters.", word.upper(), word),
-        (f"Write {word.upper()} in small letters.", "", word),
-        ("Spell the word.", word, " ".join(word)),
-        (f"Spell the word {word}.", "", " ".join(word)),
-        ("How many letters does the word have?", word, str(len(word))),
+        {"instruction": f"What kind of word is {word}?", "input": "", "output": group},
+        {"instruction": "Is the word an animal, a fruit, a color or a thing?", "input": word,
+         "output": group},
+        {"instruction": f"Is {word} {ARTICLE[group]}?", "input": "", "output": "yes"},
+        {"instruction": f"Is {word} {ARTICLE[other]}?", "input": "", "output": "no"},
     ]
 
 
 def words(r: random.Random) -> tuple[list[dict], list[dict]]:
-    train_w, held_w = split(ANIMALS + FRUITS + THINGS + COLORS, 0.2, r)
-    train = [{"instruction": i, "input": x, "output": o}
-             for w in train_w for i, x, o in word_tasks(w)]
-    held = []
-    for w in held_w:  # one phrasing per task (with and without `input`, alternating)
-        tasks = word_tasks(w)
-        for k in range(0, 6, 2):
-            i, x, o = tasks[k + r.randrange(2)]
-            held.append({"instruction": i, "input": x, "output": o})
-        i, x, o = tasks[6]
-        held.append({"instruction": i, "input": x, "output": o})
+    train, held = [], []
+    for group, ws in GROUPS.items():  # hold out a fifth of each group's words
+        tw, hw = split(ws, 0.2, r)
+        train += [row for w in tw for row in word_rows(w, group, r) + word_rows(w, group, r)]
+        held += [row for w in hw for row in word_rows(w, group, r)]
+    train = list({json.dumps(x, sort_keys=True): x for x in train}.values())  # no duplicates
     r.shuffle(train)
     return train, held
 
 
-def list_turn(r: random.Random, kind: str, items: list[str]) -> tuple[str, str]:
-    joined = ", ".join(items)
-    if kind == "reverse":
-        return f"Reverse the list: {joined}", ", ".join(reversed(items))
-    if kind == "sort":
-        return f"Sort these colors: {joined}", ", ".join(sorted(items))
-    return f"What is the last item: {joined}", items[-1]
-
-
 def lists(r: random.Random) -> tuple[list[dict], list[dict]]:
+    things = GROUPS["animal"] + GROUPS["thing"] + GROUPS["color"]
     seen: set[tuple] = set()
 
-    def turn(kind: str) -> tuple[str, str]:
+    def qa() -> tuple[str, str]:
         while True:
-            pool = COLORS if kind == "sort" else ANIMALS
-            items = r.sample(pool, r.choice((3, 4)))
-            if (kind, tuple(items)) not in seen:
-                seen.add((kind, tuple(items)))
-                return list_turn(r, kind, items)
+            if r.random() < 0.5:
+                items = r.sample(things + GROUPS["fruit"], r.randint(2, 5))
+                q, a = f"How many items: {', '.join(items)}", str(len(items))
+            else:
+                items = r.sample(things, r.randint(2, 4))
+                if r.random() < 0.5:
+                    items[r.randrange(len(items))] = r.choice(GROUPS["fruit"])
+                has = any(x in GROUPS["fruit"] for x in items)
+                q, a = f"Is there a fruit in: {', '.join(items)}", "yes" if has else "no"
+            if q not in seen:
+                seen.add(q)
+                return q, a
 
     def conv(n_turns: int) -> dict:
         turns = []
         for _ in range(n_turns):
-            q, a = turn(r.choice(("reverse", "sort", "last")))
+            q, a = qa()
             turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-        row: dict = {"conversations": turns}
         if r.random() < 0.5:
-            row["conversations"] = [{"from": "system", "value": SYSTEM}] + turns
-        return row
+            turns = [{"from": "system", "value": SYSTEM}] + turns
+        return {"conversations": turns}
 
-    held = [conv(1) for _ in range(60)]  # drawn first: the training rows avoid these lists
-    train = [conv(r.choice((1, 2))) for _ in range(500)]
+    held = [conv(1) for _ in range(60)]  # drawn first: training rows never repeat a question
+    train = [conv(r.choice((1, 2))) for _ in range(400)]
     return train, held
 
 
 def numbers(r: random.Random) -> tuple[list[dict], list[dict]]:
-    train_n, held_n = split(list(range(1, 99)), 0.2, r)
+    train_n, held_n = split(list(range(1, 100)), 0.2, r)
 
     def row(n: int, kind: str) -> dict:
-        q, a = ((f"What comes after {n}?", str(n + 1)) if kind == "after"
-                else (f"What comes before {n}?", str(n - 1)))
+        if kind == "more":
+            q, a = f"Is {n} more than 50?", "yes" if n > 50 else "no"
+        else:
+            q, a = f"Is {n} less than 50?", "yes" if n < 50 else "no"
         return {"messages": [{"role": "system", "content": SYSTEM},
                              {"role": "user", "content": q},
                              {"role": "assistant", "content": a}]}
 
-    train = [row(n, k) for n in train_n for k in ("after", "before")]
-    held = [row(n, k) for n in held_n for k in ("after", "before")]
+    train = [row(n, k) for n in train_n for k in ("more", "less")]
+    held = [row(n, k) for n in held_n for k in ("more", "less")]
     r.shuffle(train)
     return train, held
 
