@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=serve)
+
+
+def _exit_clean(signum: int, frame: object) -> None:
+    sys.exit(0)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -58,8 +64,12 @@ def serve(args: argparse.Namespace) -> int:
         enforce_eager=settings.enforce_eager, seed=settings.seed,
     ))
     app = create_app(settings, engine)
-    # Graceful shutdown: on SIGTERM uvicorn stops accepting, lets in-flight streams finish
-    # (up to drain_timeout_s), then runs the lifespan shutdown.
+    # Graceful shutdown: on SIGTERM uvicorn closes the listening socket (new work is refused,
+    # so readiness fails), lets in-flight streams finish (up to drain_timeout_s), then runs the
+    # lifespan shutdown. Afterwards it re-raises the captured SIGTERM under the handler that
+    # was installed before it: with the default one a cleanly drained server would die with
+    # status 143, so that handler exits 0 instead (also for a SIGTERM before uvicorn starts).
+    signal.signal(signal.SIGTERM, _exit_clean)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
                 timeout_graceful_shutdown=settings.drain_timeout_s)
     return 0

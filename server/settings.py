@@ -9,7 +9,6 @@ these fields by the deploy tests.
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator

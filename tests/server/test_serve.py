@@ -267,3 +267,34 @@ def test_metrics_vllm_series_and_ours_pass_promtool(served, tmp_path):
     ours = "\n".join(ln for ln in text.splitlines() if "loraplex_" in ln) + "\n"
     r = subprocess.run([promtool, "check", "metrics"], input=ours, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_admin_registers_an_uploaded_archive_then_pins_it(served, test_loras):
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(test_loras["upper"], arcname="adapter")
+    name = unique("uploaded")
+    admin = {"Authorization": f"Bearer {served.admin_key}"}
+    r = httpx.post(f"{served.url}/admin/adapters", params={"name": name, "alias": "prod"},
+                   content=buf.getvalue(), headers=admin, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["version"]["version"] == 1 and r.json()["created"] is True
+    r = httpx.post(f"{served.url}/admin/adapters/{name}:prod/pin", headers=admin, timeout=60)
+    assert r.status_code == 200 and r.json() == {"pinned": f"{name}@1"}
+    c = served.client()
+    assert ask(c, f"{name}:prod", "cat dog") == ask(c, "upper", "cat dog")
+    # a link or a path escaping the archive is refused, and nothing is registered
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w:gz") as tar:
+        info = tarfile.TarInfo("../escape.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    bad = unique("evil")
+    r = httpx.post(f"{served.url}/admin/adapters", params={"name": bad}, content=evil.getvalue(),
+                   headers=admin)
+    assert r.status_code == 400 and "escapes" in r.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        ask(c, bad, "hi")

@@ -10,16 +10,18 @@ list) are out of reach of a LoRA trained for minutes. What it can learn quickly 
 question about a word or number from what the pre-training put into its embeddings, in a closed
 answer set, so the bundled tasks are of that kind:
 
-- words.alpaca[.heldout].jsonl     Alpaca: the group of a word (animal / fruit / color / thing)
-                                   and "Is X a fruit?" yes/no; with and without `input`
-- lists.sharegpt[.heldout].jsonl   ShareGPT, multi-turn, system prompt on half: how many items
-                                   are in a list (2-5), is there a fruit in it (yes/no)
-- numbers.openai[.heldout].jsonl   OpenAI messages with a system prompt: is N more than 50,
-                                   is N less than 20 (yes/no)
+- words.alpaca[.heldout].jsonl     Alpaca: "Is plum a fruit?" -> yes/no over the four groups
+                                   (animal, fruit, color, thing), with and without `input`
+- lists.sharegpt[.heldout].jsonl   ShareGPT, multi-turn, a system prompt on half: "Is there a
+                                   fruit in: cat, plum, box" -> yes/no
+- numbers.openai[.heldout].jsonl   OpenAI messages with a system prompt: "Is 73 more than 50?"
+                                   -> yes/no
 
-Held-out rows use words, numbers or lists that never appear in the training rows, so the
-held-out exact-match score measures the learned skill on unseen inputs. Chance levels: 1/4 for
-the word group, 1/2 for yes/no (balanced), 1/4 for the item count.
+(Mixing several question types into one small set, e.g. the word's group as a 4-way answer
+next to yes/no questions, or "more than 50" next to "less than 50", did not rise above chance
+in 300 steps; one question type per set does.) Held-out rows use words, numbers or lists that
+never appear in the training rows, so the held-out exact-match score measures the learned
+skill on unseen inputs. Answers are balanced: always answering "no" scores about 0.5.
 """
 
 from __future__ import annotations
@@ -49,47 +51,43 @@ def split(items: list, frac: float, r: random.Random) -> tuple[list, list]:
     return items[k:], items[:k]
 
 
-def word_rows(word: str, group: str, r: random.Random) -> list[dict]:
-    """Group questions (two phrasings) and one yes and one no question for a word."""
-    other = r.choice([g for g in GROUPS if g != group])
-    return [
-        {"instruction": f"What kind of word is {word}?", "input": "", "output": group},
-        {"instruction": "Is the word an animal, a fruit, a color or a thing?", "input": word,
-         "output": group},
-        {"instruction": f"Is {word} {ARTICLE[group]}?", "input": "", "output": "yes"},
-        {"instruction": f"Is {word} {ARTICLE[other]}?", "input": "", "output": "no"},
-    ]
+def word_rows(word: str, group: str, r: random.Random, n: int) -> list[dict]:
+    """n yes-questions about the word's own group and n no-questions about other groups."""
+    others = r.sample([g for g in GROUPS if g != group], n)
+    rows = []
+    for k, (g, answer) in enumerate([(group, "yes")] * n + [(o, "no") for o in others]):
+        if k % 2 == 0:
+            rows.append({"instruction": f"Is {word} {ARTICLE[g]}?", "input": "", "output": answer})
+        else:
+            rows.append({"instruction": f"Answer yes or no: is the word {ARTICLE[g]}?",
+                         "input": word, "output": answer})
+    return rows
 
 
 def words(r: random.Random) -> tuple[list[dict], list[dict]]:
     train, held = [], []
     for group, ws in GROUPS.items():  # hold out a fifth of each group's words
         tw, hw = split(ws, 0.2, r)
-        train += [row for w in tw for row in word_rows(w, group, r) + word_rows(w, group, r)]
-        held += [row for w in hw for row in word_rows(w, group, r)]
-    train = list({json.dumps(x, sort_keys=True): x for x in train}.values())  # no duplicates
+        train += [row for w in tw for row in word_rows(w, group, r, 2)]
+        held += [row for w in hw for row in word_rows(w, group, r, 1)]
     r.shuffle(train)
     return train, held
 
 
 def lists(r: random.Random) -> tuple[list[dict], list[dict]]:
-    things = GROUPS["animal"] + GROUPS["thing"] + GROUPS["color"]
-    seen: set[tuple] = set()
+    others = GROUPS["animal"] + GROUPS["thing"] + GROUPS["color"]
+    seen: set[str] = set()
 
     def qa() -> tuple[str, str]:
         while True:
-            if r.random() < 0.5:
-                items = r.sample(things + GROUPS["fruit"], r.randint(2, 5))
-                q, a = f"How many items: {', '.join(items)}", str(len(items))
-            else:
-                items = r.sample(things, r.randint(2, 4))
-                if r.random() < 0.5:
-                    items[r.randrange(len(items))] = r.choice(GROUPS["fruit"])
-                has = any(x in GROUPS["fruit"] for x in items)
-                q, a = f"Is there a fruit in: {', '.join(items)}", "yes" if has else "no"
+            items = r.sample(others, r.randint(2, 4))
+            answer = "yes" if r.random() < 0.5 else "no"
+            if answer == "yes":
+                items[r.randrange(len(items))] = r.choice(GROUPS["fruit"])
+            q = f"Is there a fruit in: {', '.join(items)}"
             if q not in seen:
                 seen.add(q)
-                return q, a
+                return q, answer
 
     def conv(n_turns: int) -> dict:
         turns = []
@@ -101,24 +99,21 @@ def lists(r: random.Random) -> tuple[list[dict], list[dict]]:
         return {"conversations": turns}
 
     held = [conv(1) for _ in range(60)]  # drawn first: training rows never repeat a question
-    train = [conv(r.choice((1, 2))) for _ in range(400)]
+    train = [conv(r.choice((1, 2))) for _ in range(300)]
     return train, held
 
 
 def numbers(r: random.Random) -> tuple[list[dict], list[dict]]:
-    train_n, held_n = split(list(range(1, 100)), 0.2, r)
+    train_n, held_n = split([n for n in range(1, 100) if n != 50], 0.2, r)
 
-    def row(n: int, kind: str) -> dict:
-        if kind == "more":
-            q, a = f"Is {n} more than 50?", "yes" if n > 50 else "no"
-        else:
-            q, a = f"Is {n} less than 50?", "yes" if n < 50 else "no"
+    def row(n: int, phrase: str) -> dict:
         return {"messages": [{"role": "system", "content": SYSTEM},
-                             {"role": "user", "content": q},
-                             {"role": "assistant", "content": a}]}
+                             {"role": "user", "content": phrase.format(n)},
+                             {"role": "assistant", "content": "yes" if n > 50 else "no"}]}
 
-    train = [row(n, k) for n in train_n for k in ("more", "less")]
-    held = [row(n, k) for n in held_n for k in ("more", "less")]
+    phrases = ("Is {} more than 50?", "Is {} bigger than 50?")
+    train = [row(n, p) for n in train_n for p in phrases]
+    held = [row(n, r.choice(phrases)) for n in held_n]
     r.shuffle(train)
     return train, held
 

@@ -1,0 +1,531 @@
+"""The Helm chart, rendered offline by Helm's own engine, checked against Kubernetes' schemas,
+the pod invariants we promise, and the server's settings object.
+
+Every scenario (default values and each ci/*-values.yaml) is rendered; every object is validated
+strictly (unknown fields rejected) for Kubernetes 1.29 and 1.33 with `kubernetes-validate`.
+The settings tests import ServerSettings: a new server field fails them until the chart can set
+it, and a chart env var that is not a field fails them too.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+import types
+import typing
+from contextlib import redirect_stdout
+
+import jsonschema
+import pytest
+import yaml
+
+from loraplex.adapters.settings import RegistrySettings
+from loraplex.server.settings import ServerSettings
+from tests.deploy.k8s import CHART, NAMESPACE, RELEASE, SCENARIOS, containers, find, pod_spec
+
+kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk")
+
+KUBE_VERSIONS = ["1.29.0", "1.33.0"]
+FULLNAME = f"{RELEASE}-loraplex"
+# ServerSettings fields the chart takes from Secrets only (never into a ConfigMap).
+SECRET_ONLY = {"s3_secret", "api_keys", "admin_key"}
+FIELDS = set(ServerSettings.model_fields)
+REGISTRY_FIELDS = set(RegistrySettings.model_fields)
+
+# The two custom resources the chart can render have no schema in kubernetes-validate; these
+# are the parts of their CRDs (monitoring.coreos.com/v1, keda.sh/v1alpha1) the chart uses,
+# strict like the built-in ones.
+_META = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string"}, "labels": {"type": "object"}}, "additionalProperties": False}
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {"apiVersion": {}, "kind": {}, "metadata": _META, "spec": {
+            "type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
+            "properties": {
+                "selector": {"type": "object", "required": ["matchLabels"]},
+                "namespaceSelector": {"type": "object", "properties": {
+                    "matchNames": {"type": "array", "items": {"type": "string"}}},
+                    "additionalProperties": False},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["port"], "additionalProperties": False,
+                    "properties": {"port": {"type": "string"}, "path": {"type": "string"},
+                                   "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                   "scrapeTimeout": {"type": "string",
+                                                     "pattern": "^[0-9]+(ms|s|m|h)$"}}}}}}}},
+    ("keda.sh/v1alpha1", "ScaledObject"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {"apiVersion": {}, "kind": {}, "metadata": _META, "spec": {
+            "type": "object", "required": ["scaleTargetRef", "triggers"],
+            "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {"type": "object", "required": ["name"],
+                                   "additionalProperties": False, "properties": {
+                                       "apiVersion": {"type": "string"},
+                                       "kind": {"type": "string"}, "name": {"type": "string"}}},
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "pollingInterval": {"type": "integer"}, "cooldownPeriod": {"type": "integer"},
+                "triggers": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["type", "metadata"],
+                    "additionalProperties": False, "properties": {
+                        "type": {"const": "prometheus"},
+                        "metadata": {"type": "object",
+                                     "required": ["serverAddress", "query", "threshold"],
+                                     "additionalProperties": {"type": "string"}}}}}}}}},
+}
+
+
+@pytest.fixture(scope="module")
+def rendered(render) -> dict[str, list[dict]]:
+    return {name: render(values) for name, values in SCENARIOS.items()}
+
+
+def server(objs: list[dict]) -> dict:
+    (dep,) = find(objs, "Deployment", "server")
+    return dep
+
+
+def server_container(objs: list[dict]) -> dict:
+    return next(c for c in pod_spec(server(objs))["containers"] if c["name"] == "server")
+
+
+def workloads(objs: list[dict]) -> list[dict]:
+    return find(objs, "Deployment") + find(objs, "Job")
+
+
+def merged(values: dict) -> dict:
+    """The chart defaults with `values` on top (what Helm computes)."""
+    out = copy.deepcopy(yaml.safe_load((CHART / "values.yaml").read_text()))
+
+    def deep(dst: dict, src: dict) -> None:
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                deep(dst[k], v)
+            else:
+                dst[k] = v
+    deep(out, values)
+    return out
+
+
+def effective_env(objs: list[dict], container: dict, secrets: dict | None = None
+                  ) -> dict[str, str]:
+    """A container's env as the kubelet builds it: envFrom ConfigMaps, then env entries (which
+    win); secretKeyRefs resolved from `secrets[(name, key)]` (a missing one must be optional),
+    or left out when `secrets` is None."""
+    maps = {o["metadata"]["name"]: o.get("data", {}) for o in find(objs, "ConfigMap")}
+    env: dict[str, str] = {}
+    for src in container.get("envFrom", []):
+        env.update(maps[src["configMapRef"]["name"]])
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            if secrets is None:
+                continue
+            if (ref["name"], ref["key"]) in secrets:
+                env[e["name"]] = secrets[(ref["name"], ref["key"])]
+            else:
+                assert ref.get("optional"), f"{e['name']}: Secret {ref['name']}/{ref['key']} missing"
+    return env
+
+
+# -- rendering and Kubernetes validity --------------------------------------------------------
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_helm_lint_is_clean(scenario):
+    for version in KUBE_VERSIONS:
+        report = helm.lint(str(CHART), SCENARIOS[scenario], strict=True,
+                           kube_version=f"v{version}")
+        assert not report["errors"], report
+        assert not [m for m in report["messages"] if m["severity"] >= 2], report["messages"]
+
+
+EXPECTED = {  # scenario -> (kinds it must add to the default set, component that must appear)
+    "default": ({"Deployment", "Service", "ConfigMap", "ServiceAccount", "PodDisruptionBudget",
+                 "Job"}, "migrations"),
+    "cpu": (set(), "server"),
+    "download": (set(), "server"),
+    "hpa": ({"HorizontalPodAutoscaler"}, "server"),
+    "keda": ({"ScaledObject", "ServiceMonitor"}, "server"),
+    "observability": ({"ServiceMonitor", "NetworkPolicy"}, "server"),
+    "trainer": ({"Job"}, "trainer"),
+}
+OPTIONAL_KINDS = {"HorizontalPodAutoscaler", "ScaledObject", "ServiceMonitor", "NetworkPolicy"}
+
+
+def test_each_scenario_turns_its_feature_on(rendered):
+    assert set(EXPECTED) == set(SCENARIOS), "a ci/*-values.yaml file without expectations"
+    default_kinds = {o["kind"] for o in rendered["default"]}
+    assert default_kinds == EXPECTED["default"][0]
+    for name, (kinds, component) in EXPECTED.items():
+        objs = rendered[name]
+        got = {o["kind"] for o in objs}
+        assert kinds <= got, (name, got)
+        assert got & OPTIONAL_KINDS == kinds & OPTIONAL_KINDS, (name, got)
+        assert any(o["metadata"]["labels"].get("app.kubernetes.io/component") == component
+                   for o in objs), name
+    # the variants change what they claim to
+    names = lambda objs: [c["name"] for c in containers(server(objs))]  # noqa: E731
+    assert "download-model" in names(rendered["download"])
+    assert "download-model" not in names(rendered["default"])
+    assert "@sha256:" in server_container(rendered["download"])["image"]
+    assert not find(rendered["trainer"], "Job", "migrations")  # initContainer mode: no hook
+    assert find(rendered["default"], "Job", "migrations")
+    assert "replicas" not in server(rendered["hpa"])["spec"]  # the autoscaler owns it
+    assert server(rendered["default"])["spec"]["replicas"] == 2
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_object_is_valid_kubernetes(rendered, scenario, version):
+    for obj in rendered[scenario]:
+        crd = CRD_SCHEMAS.get((obj["apiVersion"], obj["kind"]))
+        if crd is not None:
+            jsonschema.validate(obj, crd)
+        else:
+            kv.validate(obj, version, strict=True)  # raises on any unknown or wrong field
+
+
+def test_kubernetes_validate_cli_accepts_the_default_release(rendered, tmp_path):
+    """The same check through the `kubernetes-validate --strict` command, as a user runs it."""
+    import subprocess
+    import sys
+
+    manifest = tmp_path / "release.yaml"
+    manifest.write_text(yaml.safe_dump_all(rendered["default"]))
+    cli = os.path.join(os.path.dirname(sys.executable), "kubernetes-validate")
+    for version in KUBE_VERSIONS:
+        p = subprocess.run([cli, "--strict", "--quiet", "-k", version, str(manifest)],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+    bad = copy.deepcopy(rendered["default"])
+    find(bad, "Service")[0]["spec"]["prots"] = []
+    manifest.write_text(yaml.safe_dump_all(bad))
+    p = subprocess.run([cli, "--strict", "-k", "1.29.0", str(manifest)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0 and "prots" in p.stdout + p.stderr
+
+
+def test_validation_would_catch_a_bad_object(rendered):
+    """The validators above are not vacuous: a stray field and a wrong type are rejected."""
+    dep = copy.deepcopy(server(rendered["default"]))
+    pod_spec(dep)["containers"][0]["startupprobe"] = {}  # a typo of startupProbe
+    with pytest.raises(kv.ValidationError):
+        kv.validate(dep, "1.29.0", strict=True)
+    dep = copy.deepcopy(server(rendered["default"]))
+    dep["spec"]["replicas"] = "two"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(dep, "1.33.0", strict=True)
+    (sm,) = find(rendered["keda"], "ServiceMonitor")
+    sm = copy.deepcopy(sm)
+    sm["spec"]["endpoints"][0]["targetport"] = 8000
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(sm, CRD_SCHEMAS[("monitoring.coreos.com/v1", "ServiceMonitor")])
+
+
+def test_guards_reject_bad_values(render):
+    for bad, says in [
+        ({"autoscaling": {"hpa": {"enabled": True}, "keda": {"enabled": True}}}, "at most one"),
+        ({"model": {"source": "download"}}, "model.download.url"),
+        ({"trainer": {"enabled": True, "register": "x"}}, "runName"),
+        ({"trainer": {"enabled": True, "runName": "r1"}}, "trainer.register"),
+    ]:
+        with pytest.raises(helm.HelmError, match=says):
+            render(bad)
+    for bad in [
+        {"image": {"tag": "latest"}},
+        {"settings": {"api_keys": "key-in-a-configmap"}},  # secrets only via secretEnv
+        {"settings": {"max_lora": 4}},  # a typo of a field
+        {"secretEnv": {"registry": {"secret": "s", "key": "k"}}},  # not a field
+        {"extraEnv": [{"name": "LORAPLEX_PORT", "value": "1"}]},  # settings go in `settings`
+        {"podSecurityContext": {"runAsNonRoot": False}},
+        {"migrations": {"mode": "sometimes"}},
+    ]:
+        with pytest.raises(helm.HelmError):
+            render(bad)
+
+
+# -- pod invariants ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_server_pod_probes_draining_shm_and_accelerators(rendered, scenario):
+    objs, values = rendered[scenario], merged(SCENARIOS[scenario])
+    spec, c = pod_spec(server(objs)), server_container(objs)
+    env = effective_env(objs, c, secrets=None)
+    port = int(env["LORAPLEX_PORT"])
+    assert [p["containerPort"] for p in c["ports"] if p["name"] == "http"] == [port]
+    (svc,) = find(objs, "Service")
+    assert svc["spec"]["ports"][0]["targetPort"] == "http"
+
+    startup, live, ready = c["startupProbe"], c["livenessProbe"], c["readinessProbe"]
+    assert startup["httpGet"] == {"path": "/health", "port": "http"}
+    assert live["httpGet"] == {"path": "/health", "port": "http"}
+    assert ready["httpGet"] == {"path": "/ready", "port": "http"}
+    # sized for a model load: minutes, not the default 30 s
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+
+    # drain: preStop keeps serving while endpoints update; the grace covers it plus the drain
+    sleep = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep" and int(sleep[1]) >= 5
+    drain = float(env["LORAPLEX_DRAIN_TIMEOUT_S"])
+    assert spec["terminationGracePeriodSeconds"] >= int(sleep[1]) + math.ceil(drain) + 5
+
+    vols = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert vols[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert mounts[env["LORAPLEX_MODEL"]] == "model"
+    assert "emptyDir" in vols[mounts[env["LORAPLEX_HOME"]]]  # writable state, not the image
+
+    limits = c["resources"]["limits"]
+    if values["gpu"]["enabled"]:
+        assert limits[values["gpu"]["resourceName"]] == values["gpu"]["count"]
+    else:
+        assert not [k for k in limits if "gpu" in k]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_container_is_non_root_pinned_and_has_resources(rendered, scenario):
+    for w in workloads(rendered[scenario]):
+        spec = pod_spec(w)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] > 0
+        assert spec["automountServiceAccountToken"] is False
+        for c in containers(w):
+            where = f"{w['metadata']['name']}/{c['name']}"
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert "ALL" in sc["capabilities"]["drop"], where
+            image = c["image"]
+            assert "@sha256:" in image or ":" in image.rsplit("/", 1)[-1], f"{where}: {image}"
+            assert not image.endswith(":latest"), where
+            r = c["resources"]
+            assert r["requests"]["cpu"] and r["requests"]["memory"], where
+            assert r["limits"]["memory"], where
+
+
+# -- settings: chart <-> ServerSettings -------------------------------------------------------
+
+def test_values_and_schema_cover_exactly_the_server_settings():
+    props = json.loads((CHART / "values.schema.json").read_text())["properties"]
+    assert set(props["settings"]["properties"]) == FIELDS - SECRET_ONLY
+    assert set(props["secretEnv"]["propertyNames"]["enum"]) == FIELDS
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(values["settings"]) == FIELDS - SECRET_ONLY  # each one documented in values.yaml
+    assert set(values["secretEnv"]) <= FIELDS
+    assert SECRET_ONLY <= set(values["secretEnv"])
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_chart_env_var_is_a_server_setting(rendered, scenario):
+    objs = rendered[scenario]
+    (cm,) = find(objs, "ConfigMap")
+    names = set(cm["data"])
+    for w in workloads(objs):
+        for c in containers(w):
+            own = {e["name"] for e in c.get("env", []) if e["name"].startswith("LORAPLEX_")}
+            names |= own
+            if c["name"] != "server":  # jobs and init containers only open the registry
+                assert {n.removeprefix("LORAPLEX_").lower() for n in own} <= REGISTRY_FIELDS, (
+                    c["name"], own)
+            for src in c.get("envFrom", []):
+                assert src == {"configMapRef": {"name": FULLNAME}}
+    assert all(n.startswith("LORAPLEX_") for n in cm["data"])
+    unknown = {n for n in names if n.removeprefix("LORAPLEX_").lower() not in FIELDS}
+    assert not unknown, f"env vars that are no ServerSettings field: {sorted(unknown)}"
+    assert "LORAPLEX_REGISTRY_URL" in names and "LORAPLEX_ARTIFACTS_URL" in names
+
+
+# One non-default value per ServerSettings field, typed as a user writes it in values.yaml.
+SET_ALL = {
+    "home": "/srv/lp", "registry_url": "postgresql://u:p@pg:5432/lp",
+    "artifacts_url": "s3://bucket/prefix", "s3_endpoint_url": "http://minio:9000",
+    "s3_key": "AKIA1", "s3_secret": "from-secret", "max_adapter_rank": 32,
+    "max_adapter_bytes": 5 << 30, "model": "/models/m", "served_model_name": "llama",
+    "base_name": "llama-31", "host": "0.0.0.0", "port": 8081,
+    "api_keys": "k1,k2", "admin_key": "adm", "max_model_len": 8192, "max_loras": 8,
+    "max_lora_rank": 32, "max_cpu_loras": 24, "max_num_seqs": 128, "dtype": "bfloat16",
+    "gpu_memory_utilization": 0.85, "cpu_kvcache_space_gib": 12, "enforce_eager": True,
+    "seed": 7, "poll_interval_s": 0.5, "adapter_cache_dir": "/srv/lp/adapters",
+    "adapter_cache_bytes": 3 << 40, "preload": ["bot:prod", "sql@3"], "max_queue": 512,
+    "drain_timeout_s": 45.5,
+}
+
+
+def test_every_server_setting_is_settable_and_parses_back(render, monkeypatch):
+    assert set(SET_ALL) == FIELDS, "add the new ServerSettings field to the chart and SET_ALL"
+    secret = {f: {"secret": f"sec-{f}", "key": "value"} for f in SECRET_ONLY}
+    plain = {f: v for f, v in SET_ALL.items() if f not in SECRET_ONLY}
+    objs = render({"settings": plain,
+                   "secretEnv": {**secret, "registry_url": None, "s3_key": None}})
+    secrets = {(f"sec-{f}", "value"): SET_ALL[f] for f in SECRET_ONLY}
+    env = effective_env(objs, server_container(objs), secrets)
+    assert set(env) >= {f"LORAPLEX_{f.upper()}" for f in FIELDS}
+
+    for k in [k for k in os.environ if k.startswith("LORAPLEX_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s = ServerSettings()
+    for f, want in SET_ALL.items():
+        got = getattr(s, f)
+        if hasattr(got, "get_secret_value"):
+            got = got.get_secret_value()
+        elif isinstance(got, list):
+            got = [x.get_secret_value() if hasattr(x, "get_secret_value") else x for x in got]
+            want = want.split(",") if isinstance(want, str) else want
+        elif f in ("home", "model", "adapter_cache_dir"):
+            got = str(got)
+        assert got == want, f
+    # the derived pod fields follow the settings
+    spec, c = pod_spec(server(objs)), server_container(objs)
+    assert c["ports"][0]["containerPort"] == 8081
+    assert spec["terminationGracePeriodSeconds"] == 10 + 46 + 15
+    # and a field moved to a Secret leaves the ConfigMap
+    (cm,) = find(objs, "ConfigMap")
+    assert not {f"LORAPLEX_{f.upper()}" for f in SECRET_ONLY} & set(cm["data"])
+
+
+def test_settings_field_types_match_the_schema():
+    """values.schema.json types each field as ServerSettings does (integer/number/...)."""
+    from pathlib import Path as P
+
+    props = json.loads((CHART / "values.schema.json").read_text())["properties"]
+    sprops = props["settings"]["properties"]
+    jtype = {int: "integer", float: "number", bool: "boolean", str: "string", P: "string"}
+    for f, info in ServerSettings.model_fields.items():
+        if f in SECRET_ONLY:
+            continue
+        ann, args = info.annotation, typing.get_args(info.annotation)
+        if typing.get_origin(ann) in (typing.Union, types.UnionType):
+            ann = next(a for a in args if a is not type(None))
+        if typing.get_origin(ann) is typing.Annotated:
+            ann = typing.get_args(ann)[0]
+        want = "array" if typing.get_origin(ann) is list else jtype[ann]
+        got = sprops[f]["type"]
+        assert want in (got if isinstance(got, list) else [got]), f
+
+
+# -- the trainer Job and the registry commands ------------------------------------------------
+
+def test_trainer_job_runs_a_valid_train_command(rendered):
+    from loraplex.adapters.cli import main
+
+    (job,) = find(rendered["trainer"], "Job", "trainer")
+    (train,) = pod_spec(job)["containers"]
+    args = train["args"]
+    assert args[0] == "train"
+    out = io.StringIO()
+    with redirect_stdout(out):  # the real parser and TrainConfig validation, no training
+        assert main(args + ["--print-config"]) == 0
+    cfg = yaml.safe_load(out.getvalue())
+    server_env = effective_env(rendered["trainer"], server_container(rendered["trainer"]))
+    values = SCENARIOS["trainer"]["trainer"]
+    assert cfg["base"] == server_env["LORAPLEX_MODEL"]  # the model the servers serve
+    assert cfg["register"] == values["register"] and cfg["alias"] == values["alias"]
+    assert cfg["registry_base"] == "base"  # = served_model_name: what the servers register
+    assert cfg["data"] == ["/data"] and cfg["output"] == "/work/adapter"
+    for k, v in values["config"].items():
+        assert cfg[k] == v, k
+    # the same registry and store as the servers, from the same Secrets
+    env = {e["name"]: e for e in train["env"]}
+    assert env["LORAPLEX_REGISTRY_URL"]["valueFrom"]["secretKeyRef"]["name"] == "loraplex-registry"
+    assert env["LORAPLEX_ARTIFACTS_URL"]["value"] == server_env["LORAPLEX_ARTIFACTS_URL"]
+    mounts = {m["mountPath"] for m in train["volumeMounts"]}
+    assert {"/data", "/work", server_env["LORAPLEX_MODEL"], "/dev/shm", "/tmp"} <= mounts
+    assert [c["name"] for c in pod_spec(job)["initContainers"]] == ["download-data"]
+
+
+def _run_container(c: dict, secrets: dict, env_over: dict, tmp_path, replace=None):
+    """Run a rendered container's command here: its env (secrets resolved), its args."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    env.update(effective_env([], c, secrets))
+    env.update(env_over)
+    argv = [*c.get("command", ["loraplex"]), *c.get("args", [])]
+    argv = [(replace or {}).get(a, a) for a in argv]
+    if argv[0] == "loraplex":
+        argv = [sys.executable, "-m", "loraplex.adapters.cli", *argv[1:]]
+    elif argv[0] == "python":
+        argv[0] = sys.executable
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+
+
+@pytest.mark.postgres
+def test_migration_hook_and_base_registration_work_on_postgres(rendered, pg_url, tmp_path,
+                                                               toy_model_dir):
+    secrets = {("loraplex-registry", "uri"): pg_url.replace("postgresql+psycopg://",
+                                                            "postgresql://"),  # CNPG's form
+               ("loraplex-s3", "access-key-id"): "unused",
+               ("loraplex-s3", "secret-access-key"): "unused"}
+    local = {"LORAPLEX_HOME": str(tmp_path / "home"),
+             "LORAPLEX_ARTIFACTS_URL": str(tmp_path / "artifacts")}
+    (hook,) = find(rendered["default"], "Job", "migrations")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    (migrate,) = pod_spec(hook)["containers"]
+    for _ in range(2):  # idempotent: every upgrade runs it again
+        p = _run_container(migrate, secrets, local, tmp_path)
+        assert p.returncode == 0, p.stderr
+    # the init container of the initContainer mode registers the served base
+    init = next(c for c in pod_spec(server(rendered["trainer"]))["initContainers"]
+                if c["name"] == "registry")
+    model = effective_env(rendered["trainer"], server_container(rendered["trainer"])
+                          )["LORAPLEX_MODEL"]
+    for _ in range(2):
+        p = _run_container(init, secrets, local, tmp_path, replace={model: str(toy_model_dir)})
+        assert p.returncode == 0, p.stderr
+    from loraplex.adapters.registry import Registry
+
+    with Registry(pg_url, str(tmp_path / "artifacts")) as reg:
+        assert [b.name for b in reg.list_bases()] == ["base"]
+
+
+@pytest.mark.s3
+def test_model_download_init_container_copies_from_s3(rendered, s3_server, tmp_path):
+    import s3fs
+
+    from tests.services import create_bucket
+
+    init = next(c for c in pod_spec(server(rendered["download"]))["initContainers"]
+                if c["name"] == "download-model")
+    url_arg, dest_arg = init["args"][1], init["args"][2]
+    src = create_bucket(s3_server) + "/models/tiny"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server)
+    files = {"config.json": b"{}", "model.safetensors": b"\0" * 1000,
+             "tokenizer.json": b"{}", "sub/extra.txt": b"x"}
+    for name, data in files.items():
+        fs.pipe_file(f"{src}/{name}".removeprefix("s3://"), data)
+    secrets = {("loraplex-registry", "uri"): "sqlite:///unused.db",
+               ("loraplex-s3", "access-key-id"): s3_server["key"],
+               ("loraplex-s3", "secret-access-key"): s3_server["secret"]}
+    over = {"LORAPLEX_S3_ENDPOINT_URL": s3_server["endpoint_url"]}
+    dest = tmp_path / "model"
+    dest.mkdir()  # the emptyDir exists before the init container runs
+    replace = {url_arg: src, dest_arg: str(dest)}
+    p = _run_container(init, secrets, over, tmp_path, replace)
+    assert p.returncode == 0, p.stderr
+    assert {str(f.relative_to(dest)): f.read_bytes() for f in dest.rglob("*") if f.is_file()
+            } == files
+    p = _run_container(init, secrets, over, tmp_path, replace)  # container restart: no re-copy
+    assert p.returncode == 0 and "already holds files" in p.stdout
+    p = _run_container(init, secrets, over, tmp_path,
+                       {url_arg: src + "-missing", dest_arg: str(tmp_path / "other")})
+    assert p.returncode != 0 and "not a directory" in p.stderr
+
+
+def test_rendered_names_fit_kubernetes_limits(rendered):
+    for objs in rendered.values():
+        for o in objs:
+            assert len(o["metadata"]["name"]) <= 63, o["metadata"]["name"]
+            assert o["metadata"].get("namespace", NAMESPACE) == NAMESPACE
