@@ -78,6 +78,9 @@ def train(base: Path, workdir: Path, data: str, template: str, name: str, max_st
            "--chat-template", template, "--output", str(out), "--overwrite", "--seed", "0",
            "--max-new-tokens", "24", "--register", name, "--no-progress-bar", "--json",
            "--max-steps", str(max_steps), "--lr", str(lr)]
+    if (out / "report.json").exists() and (workdir / "home" / "registry.db").exists():
+        print(f"reusing {out} (trained and registered by an earlier run in this --workdir)")
+        return {"dir": out, "report": json.loads((out / "report.json").read_text())}
     print("$ loraplex " + " ".join(cmd[3:]), flush=True)
     t0 = time.time()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -113,8 +113,17 @@ def create_app(settings: ServerSettings, engine: Engine, registry: Registry | No
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def _count_error(request: Request, status: int) -> None:
+        # Requests refused before (or instead of) generating: counted with empty adapter
+        # labels, since an unknown `model` must not become a label value (cardinality).
+        endpoint = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}.get(
+            request.url.path)
+        if endpoint:
+            state.metrics.requests.labels("", "", endpoint, str(status)).inc()
+
     @app.exception_handler(LoraplexError)
     async def _loraplex_error(request: Request, exc: LoraplexError):
+        _count_error(request, exc.http_status)
         return JSONResponse(exc.to_openai(), status_code=exc.http_status)
 
     @app.exception_handler(RequestValidationError)
@@ -132,6 +141,7 @@ def create_app(settings: ServerSettings, engine: Engine, registry: Registry | No
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
+        _count_error(request, 500)
         return JSONResponse({"error": {"message": "internal error; see the server log",
                                        "type": "internal_error", "param": None, "code": None}},
                             status_code=500)

@@ -251,6 +251,7 @@ def test_guards_reject_bad_values(render):
     ]:
         with pytest.raises(helm.HelmError):
             render(bad)
+    assert render({"global": {"imageRegistry": "mirror"}})  # as a subchart, Helm adds `global`
 
 
 # -- pod invariants ---------------------------------------------------------------------------

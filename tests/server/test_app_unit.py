@@ -197,3 +197,13 @@ def test_completions_prompt_forms(app_and_engine):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = client.post("/v1/completions", json={"model": "toy", "prompt": [99999]})
     assert r.status_code == 400
+
+
+def test_refused_requests_are_counted_by_status(app_and_engine):
+    client, _ = app_and_engine
+    chat(client, model="nope")
+    chat(client, temperature=9)
+    client.post("/v1/chat/completions", json={}, headers={"Authorization": "Bearer bad"})
+    text = client.get("/metrics").text
+    for status in ("404", "400", "401"):
+        assert f'loraplex_requests_total{{adapter="",endpoint="chat",status="{status}",version=""}} 1.0' in text
