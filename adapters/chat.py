@@ -108,7 +108,8 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
 def builtin_template(name: str) -> str:
     if name not in BUILTIN_TEMPLATES:
         raise BadRequest(f"unknown built-in chat template {name!r}; choose one of "
-                         f"{', '.join(BUILTIN_TEMPLATES)} or pass a .jinja file", param="chat_template")
+                         f"{', '.join(BUILTIN_TEMPLATES)} or pass a .jinja file",
+                         param="chat_template")
     return resources.files("loraplex.adapters").joinpath(f"templates/{name}.jinja").read_text()
 
 
@@ -118,14 +119,16 @@ def resolve_template(spec: str | Path | None, base_dir: str | Path | None = None
         template, _ = read_chat_template(base_dir) if base_dir is not None else (None, None)
         if template is None:
             raise ConfigError(f"base model {str(base_dir)!r} has no chat template; pass one of "
-                              f"{', '.join(BUILTIN_TEMPLATES)} or a .jinja file", param="chat_template")
+                              f"{', '.join(BUILTIN_TEMPLATES)} or a .jinja file",
+                              param="chat_template")
         return template
     if str(spec) in BUILTIN_TEMPLATES:
         return builtin_template(str(spec))
     path = Path(spec).expanduser()
     if not path.is_file():
         raise BadRequest(f"chat template {str(spec)!r} is neither a built-in "
-                         f"({', '.join(BUILTIN_TEMPLATES)}) nor a readable file", param="chat_template")
+                         f"({', '.join(BUILTIN_TEMPLATES)}) nor a readable file",
+                         param="chat_template")
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -229,7 +232,8 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
 class Segment:
     """One separately tokenized piece of a rendered conversation."""
 
-    kind: str  # prefix | system | user | assistant_header | assistant | assistant_tail | generation_prompt
+    # prefix | system | user | assistant_header | assistant | assistant_tail | generation_prompt
+    kind: str
     message_index: int | None
     text: str
     token_ids: list[int] = field(default_factory=list)

@@ -90,9 +90,9 @@ class LoadResult:
 
 
 def make_jobs(models: list[str], n: int, prompts: list[str] = PROMPTS) -> list[Job]:
-    """n jobs cycling through models and prompts (models vary fastest: mixed batches)."""
-    return [Job(models[i % len(models)],
-                [{"role": "user", "content": prompts[(i // len(models) + i) % len(prompts)]}])
+    """n jobs cycling through models and prompts. Job i always has prompt i % len(prompts), so
+    loads over different model lists send exactly the same prompts in the same order."""
+    return [Job(models[i % len(models)], [{"role": "user", "content": prompts[i % len(prompts)]}])
             for i in range(n)]
 
 

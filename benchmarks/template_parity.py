@@ -99,7 +99,7 @@ def main() -> int:
     p.add_argument("--template", default="llama2", help="the non-base template under test")
     # The trainer's defaults (lr 2e-4, 3 epochs) leave the toy model at 0 exact match on this
     # data; a higher rate learns the task in a few dozen steps.
-    p.add_argument("--max-steps", type=int, default=60, help="training steps per adapter")
+    p.add_argument("--max-steps", type=int, default=100, help="training steps per adapter")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--multiprocessing", default="1", choices=["0", "1"])
@@ -143,6 +143,11 @@ def main() -> int:
         k = results[(model, sysname)]
         return f"{k}/{len(refs)} = {k / len(refs):.3f}"
 
+    def same(model):
+        k = sum(x.strip() == y.strip()
+                for x, y in zip(samples[(model, "loraplex")], samples[(model, "vllm")]))
+        return f"{k}/{len(refs)}"
+
     def trainer_em(name):
         m = trained[name]["report"].get("metrics", {}).get("exact_match", {})
         return f"{m['adapter']:.3f} (base {m['base']:.3f})" if m else "n/a"
@@ -155,11 +160,13 @@ def main() -> int:
           f"servers): {args}. Training steps: {n_train}. Wall time {time.time() - t_start:.0f}s.\n")
     print(table(
         ["model (trained with)", "via loraplex (adapter's template)",
-         "via vLLM's OpenAI server (base ChatML)", "trainer's eval (HF, own template)"],
-        [[f"{tested} ({a.template})", em(tested, "loraplex"), em(tested, "vllm"), trainer_em(tested)],
+         "via vLLM's OpenAI server (base ChatML)", "same answer on both",
+         "trainer's eval (HF, own template)"],
+        [[f"{tested} ({a.template})", em(tested, "loraplex"), em(tested, "vllm"), same(tested),
+          trainer_em(tested)],
          [f"{control} (chatml, control)", em(control, "loraplex"), em(control, "vllm"),
-          trainer_em(control)],
-         ["toy base (no adapter)", em("toy", "loraplex"), em("toy", "vllm"), ""]]))
+          same(control), trainer_em(control)],
+         ["toy base (no adapter)", em("toy", "loraplex"), em("toy", "vllm"), same("toy"), ""]]))
     print(f"\nFirst answers of {tested} (expected | loraplex | vLLM's server):\n")
     for i in range(min(6, len(refs))):
         print(f"- {refs[i]!r} | {samples[(tested, 'loraplex')][i]!r} | "

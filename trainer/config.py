@@ -149,7 +149,8 @@ class TrainConfig(BaseModel):
     def hyperparameters(self) -> dict[str, Any]:
         """What the manifest records: everything that shapes the weights (no paths, no I/O)."""
         skip = {"base", "data", "output", "overwrite", "eval_data", "inspect", "run_dir",
-                "keep_checkpoints", "resume", "progress_bar", "register_name", "alias", "registry_base", "description",
+                "keep_checkpoints", "resume", "progress_bar", "register_name", "alias",
+                "registry_base", "description",
                 "registry_url", "artifacts_url", "log_steps"}
         return self.model_dump(mode="json", exclude=skip)
 

@@ -174,7 +174,7 @@ def _dedup(examples: list[Example], mode: str, seen: dict[str, str],
 
 
 def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer, template: str) -> PreparedData:
-    """Read, validate, curate, tokenize and split. Raises BadRequest on --strict drops or no data."""
+    """Read, validate, curate, tokenize, split. BadRequest on --strict drops or no data left."""
     files = data_files(cfg.data)
     eval_files = data_files(cfg.eval_data) if cfg.eval_data else []
     report = DataReport([str(f) for f in files], [str(f) for f in eval_files])
@@ -216,7 +216,8 @@ def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer, template: str) -> Prepa
 
     if cfg.strict and rejected:
         listed = "\n".join(f"  {r}" for r in rejected[:MAX_LISTED])
-        more = f"\n  ... and {len(rejected) - MAX_LISTED} more" if len(rejected) > MAX_LISTED else ""
+        extra = len(rejected) - MAX_LISTED
+        more = f"\n  ... and {extra} more" if extra > 0 else ""
         raise BadRequest(f"--strict: {len(rejected)} row(s) rejected:\n{listed}{more}",
                          param="data")
     if not train:
@@ -233,7 +234,8 @@ def inspect_lines(ex: Example, decode: Any) -> list[str]:
     lines = [f"== {ex.source}  ({len(ex.input_ids)} tokens, {ex.n_labels} labelled)"]
     for pos, (tid, lab) in enumerate(zip(ex.input_ids, ex.labels)):
         mark = "-" if lab == IGNORE_INDEX else str(lab)
-        lines.append(f"{pos:5d} {tid:7d} {json.dumps(decode([tid]), ensure_ascii=False):<24} {mark}")
+        token = json.dumps(decode([tid]), ensure_ascii=False)
+        lines.append(f"{pos:5d} {tid:7d} {token:<24} {mark}")
     trained = decode([t for t in ex.labels if t != IGNORE_INDEX])
     lines.append(f"   trained text: {json.dumps(trained, ensure_ascii=False)}")
     return lines

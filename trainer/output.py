@@ -41,9 +41,14 @@ MANIFEST_VERSION = 1
 
 
 def _check_writable(d: Path, what: str) -> None:
+    """Probe the nearest existing ancestor of `d` (creating nothing that stays behind)."""
+    probe = d
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        Path(tempfile.mkdtemp(dir=d, prefix=".loraplex-probe-")).rmdir()
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(probe))
+        Path(tempfile.mkdtemp(dir=probe, prefix=".loraplex-probe-")).rmdir()
     except OSError as exc:
         raise ConfigError(f"{what} {str(d)!r} is not writable ({exc.strerror or exc}); choose a "
                           f"writable location", param=what.split()[0]) from None
@@ -160,6 +165,7 @@ def write_adapter(cfg: TrainConfig, model: Any, *, base: Path, template: str, st
            if "exact_match" in metrics else {}),
         "versions": _versions(),
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
     with staging(out, cfg.overwrite) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
@@ -174,8 +180,8 @@ def write_adapter(cfg: TrainConfig, model: Any, *, base: Path, template: str, st
         with open(tmp / "rejected.jsonl", "w") as f:
             for r in data.rejected:
                 f.write(json.dumps({"source": r.source, "code": r.code, "detail": r.detail}) + "\n")
-        (tmp / "train_config.yaml").write_text(yaml.safe_dump(
-            cfg.model_dump(mode="json", by_alias=True, exclude={"inspect", "resume"}), sort_keys=False))
+        effective = cfg.model_dump(mode="json", by_alias=True, exclude={"inspect", "resume"})
+        (tmp / "train_config.yaml").write_text(yaml.safe_dump(effective, sort_keys=False))
     return out
 
 

@@ -31,6 +31,7 @@ from loraplex.adapters.chat import (
     load_tokenizer,
     render,
     resolve_template,
+    special_tokens_of,
     stop_token_ids,
     stop_tokens,
     template_label,
@@ -346,6 +347,12 @@ def _lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def pad_token_id(tokenizer: Any, default: int) -> int:
+    name = special_tokens_of(tokenizer).get("pad_token")
+    tid = tokenizer.token_to_id(name) if name else None
+    return tid if tid is not None else default
+
+
 # -- generation eval -----------------------------------------------------------------------------
 
 def generate(model: Any, tokenizer: Any, template: str, prompts: list[list[dict[str, str]]],
@@ -354,8 +361,7 @@ def generate(model: Any, tokenizer: Any, template: str, prompts: list[list[dict[
     import torch
 
     stops = stop_token_ids(template, tokenizer)
-    pad = tokenizer.token_to_id("<pad>")
-    pad = pad if pad is not None else (stops[0] if stops else 0)
+    pad = pad_token_id(tokenizer, stops[0] if stops else 0)
     encoded = [render(template, p, tokenizer).token_ids for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
@@ -432,7 +438,8 @@ def run(cfg: TrainConfig, *, callbacks: list[Callback] | None = None,
         log(line)
     if cfg.inspect:
         for ex in data.train[:cfg.inspect]:
-            for line in inspect_lines(ex, lambda ids: tokenizer.decode(ids, skip_special_tokens=False)):
+            for line in inspect_lines(ex, lambda ids: tokenizer.decode(ids,
+                                                                      skip_special_tokens=False)):
                 print(line)
         return {"inspected": min(cfg.inspect, len(data.train)), "data": data.report.to_dict()}
 
@@ -451,8 +458,7 @@ def run(cfg: TrainConfig, *, callbacks: list[Callback] | None = None,
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
     model = load_model(base, cfg)
-    pad_id = tokenizer.token_to_id("<pad>")
-    pad_id = pad_id if pad_id is not None else 0
+    pad_id = pad_token_id(tokenizer, 0)  # padded positions are masked: any id would do
     cbs: list[Callback] = [JsonlLog(run_dir / "progress.jsonl", cfg.log_steps),
                            Checkpointer(cfg.save_steps)]
     if cfg.early_stopping_patience:

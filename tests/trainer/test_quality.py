@@ -3,8 +3,9 @@ adapters trained through different chat templates each answer best through their
 
     .venv/bin/python -m pytest tests/trainer/test_quality.py -m slow -s   # prints the figures
 
-Each adapter trains for 300 steps on numbers.openai.jsonl ("Is 73 more than 50?" -> yes/no,
-held-out numbers never seen in training); a few minutes on a 2-core CPU.
+Each adapter trains for 300 steps on lists.sharegpt.jsonl ("Is there a fruit in: cat, plum,
+box" -> yes/no, multi-turn; held-out lists never seen in training); a few minutes on a 2-core
+CPU. Answering "no" to everything scores 0.62 on the held-out rows.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from .conftest import DATA
 
 pytestmark = pytest.mark.slow
 
-TASK = "numbers.openai"
+TASK = "lists.sharegpt"
 RECIPE = dict(max_steps=300, batch_size=16, lr=1e-3, lora_r=16, lora_alpha=32,
-              lr_scheduler="constant", warmup_ratio=0.03, seed=0)
+              lr_scheduler="cosine", warmup_ratio=0.03, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_heldout_exact_match_gain(adapters):
           f"adapter {em['adapter']:.3f}")
     assert em["n"] >= 20
     assert em["base"] <= 0.1  # the base answers in sentences, never a bare yes/no
-    assert em["adapter"] >= 0.8  # chance (always "no") is about 0.5
+    assert em["adapter"] >= 0.85  # always answering "no" scores 0.62
 
 
 def test_each_adapter_answers_best_through_its_own_template(adapters, toy_model_dir):
@@ -74,4 +75,4 @@ def test_each_adapter_answers_best_through_its_own_template(adapters, toy_model_
     print(json.dumps({f"{a} -> {b}": round(v, 3) for (a, b), v in scores.items()}, indent=1))
     assert scores[("chatml", "chatml")] > scores[("chatml", "llama2")]
     assert scores[("llama2", "llama2")] > scores[("llama2", "chatml")]
-    assert min(scores[("chatml", "chatml")], scores[("llama2", "llama2")]) >= 0.8
+    assert min(scores[("chatml", "chatml")], scores[("llama2", "llama2")]) >= 0.85

@@ -10,18 +10,18 @@ list) are out of reach of a LoRA trained for minutes. What it can learn quickly 
 question about a word or number from what the pre-training put into its embeddings, in a closed
 answer set, so the bundled tasks are of that kind:
 
-- words.alpaca[.heldout].jsonl     Alpaca: "Is plum a fruit?" -> yes/no over the four groups
-                                   (animal, fruit, color, thing), with and without `input`
+- words.alpaca[.heldout].jsonl     Alpaca: "Is plum a fruit?" -> yes/no, for words of the four
+                                   groups (animal, fruit, color, thing), with and without `input`
 - lists.sharegpt[.heldout].jsonl   ShareGPT, multi-turn, a system prompt on half: "Is there a
                                    fruit in: cat, plum, box" -> yes/no
 - numbers.openai[.heldout].jsonl   OpenAI messages with a system prompt: "Is 73 more than 50?"
                                    -> yes/no
 
-(Mixing several question types into one small set, e.g. the word's group as a 4-way answer
-next to yes/no questions, or "more than 50" next to "less than 50", did not rise above chance
-in 300 steps; one question type per set does.) Held-out rows use words, numbers or lists that
-never appear in the training rows, so the held-out exact-match score measures the learned
-skill on unseen inputs. Answers are balanced: always answering "no" scores about 0.5.
+(Harder variants were unreliable or stayed at chance after 300 steps: the word's group as a
+4-way answer, "Is X a/an G?" over all four groups G, "more than 50" mixed with "less than 50".)
+Held-out rows use words, numbers or lists that never appear in the training rows, so the
+held-out exact-match score measures the learned skill on unseen inputs. Answers are roughly
+balanced (always answering "no" scores 0.45 / 0.62 / 0.5 on the three held-out files).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from pathlib import Path
 GROUPS = {
     "animal": "cat dog bird fish horse cow sheep goat mouse lion tiger bear wolf fox duck owl "
               "frog bee ant rabbit".split(),
-    "fruit": "apple pear plum grape lemon lime peach cherry mango melon berry banana kiwi fig".split(),
+    "fruit": "apple pear plum grape lemon lime peach cherry mango melon berry banana kiwi "
+             "fig".split(),
     "color": "red blue green yellow black white brown pink purple gray gold silver".split(),
     "thing": "book cup chair table door window lamp box ball hat coat shoe key pen map clock bag "
              "bell boat car".split(),
@@ -51,25 +52,25 @@ def split(items: list, frac: float, r: random.Random) -> tuple[list, list]:
     return items[k:], items[:k]
 
 
-def word_rows(word: str, group: str, r: random.Random, n: int) -> list[dict]:
-    """n yes-questions about the word's own group and n no-questions about other groups."""
-    others = r.sample([g for g in GROUPS if g != group], n)
-    rows = []
-    for k, (g, answer) in enumerate([(group, "yes")] * n + [(o, "no") for o in others]):
-        if k % 2 == 0:
-            rows.append({"instruction": f"Is {word} {ARTICLE[g]}?", "input": "", "output": answer})
-        else:
-            rows.append({"instruction": f"Answer yes or no: is the word {ARTICLE[g]}?",
-                         "input": word, "output": answer})
-    return rows
+PHRASES = [("Is {} a fruit?", False), ("Answer yes or no: is the word a fruit?", True),
+           ("Is the word {} a fruit?", False), ("Is {} a kind of fruit?", False)]
+
+
+def word_rows(word: str, group: str, k: int) -> list[dict]:
+    """Fruits are a quarter of the words: they get all four phrasings and every other word one
+    (the k-th), so yes and no are balanced without duplicate rows (which dedup would drop)."""
+    answer = "yes" if group == "fruit" else "no"
+    phrases = PHRASES if group == "fruit" else [PHRASES[k % len(PHRASES)]]
+    return [{"instruction": p if as_input else p.format(word), "input": word if as_input else "",
+             "output": answer} for p, as_input in phrases]
 
 
 def words(r: random.Random) -> tuple[list[dict], list[dict]]:
     train, held = [], []
     for group, ws in GROUPS.items():  # hold out a fifth of each group's words
         tw, hw = split(ws, 0.2, r)
-        train += [row for w in tw for row in word_rows(w, group, r, 2)]
-        held += [row for w in hw for row in word_rows(w, group, r, 1)]
+        train += [row for k, w in enumerate(tw) for row in word_rows(w, group, k)]
+        held += [row for k, w in enumerate(hw) for row in word_rows(w, group, k)]
     r.shuffle(train)
     return train, held
 
