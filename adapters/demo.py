@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", type=Path, default=Path("demo-out"),
                    help="where the toy model, registry and adapters go (reused if present)")
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
-    p.add_argument("--max-steps", type=int, default=150, help="training steps per adapter")
-    p.add_argument("--questions", type=int, default=4, help="held-out questions per adapter")
+    p.add_argument("--max-steps", type=int, default=300, help="training steps per adapter")
+    p.add_argument("--questions", type=int, default=6, help="held-out questions per adapter")
     p.set_defaults(func=run)
 
 
@@ -143,17 +143,20 @@ def _compare(url: str, n: int) -> None:
 
     client = OpenAI(base_url=url + "/v1", api_key="demo")
     models = ["toy", *ADAPTERS]
-    score = {m: 0 for m in models}
-    total = 0
+    score = {(task, m): 0 for task in ADAPTERS for m in models}
+    asked = {task: 0 for task in ADAPTERS}
     for name, (_, template, heldout) in ADAPTERS.items():
         print(f"\n-- held-out questions of `{name}` (trained with {template})")
         for q, want in _questions(heldout, n):
-            total += 1
+            asked[name] += 1
             print(f"Q: {q!r}   expected: {want!r}")
             for m in models:
                 r = client.chat.completions.create(
                     model=m, messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0)
                 got = (r.choices[0].message.content or "").strip()
-                score[m] += got == want
+                score[name, m] += got == want
                 print(f"   {m:>6}: {got!r}{'  ✓' if got == want else ''}")
-    print("\nexact matches: " + ", ".join(f"{m} {score[m]}/{total}" for m in models))
+    print("\nexact matches on held-out questions (rows: question set, columns: model asked)")
+    print(f"{'':>12}" + "".join(f"{m:>8}" for m in models))
+    for task in ADAPTERS:
+        print(f"{task + ' set':>12}" + "".join(f"{score[task, m]:>6}/{asked[task]}" for m in models))

@@ -1,6 +1,6 @@
 """P1 and P2: loraplex's serving overhead, and the cost of mixing many adapters.
 
-    .venv/bin/python benchmarks/serve_bench.py [--base /work/toy-model-v2] [--rounds 5]
+    .venv/bin/python benchmarks/serve_bench.py [--base /work/toy-model-v2] [--rounds 7] [--p2-vllm]
 
 P1  loraplex ÷ vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`), the
     same engine arguments (see `loadgen.EngineArgs`), the same adapters (vLLM's through
@@ -13,7 +13,8 @@ P2  through loraplex: 16 distinct adapters mixed ÷ the same load all on one ada
 
 Both servers run side by side for the whole run; the loads alternate (A B, then B A, ...) so a
 busy shared machine slows each side alike, and each ratio is taken within a round, then the
-median over rounds is reported. Warm-up (every adapter once, then one full discarded round per
+median over rounds is reported; each load also records the server's CPU time per output token
+(its whole process tree), the figure least moved by other jobs on the machine. Warm-up (every adapter once, then one full discarded round per
 server and workload) keeps adapter loading and first-call costs out of the measurement.
 Adapters: PEFT LoRAs of rank 8 on all linear layers with random weights (`loadgen.make_adapters`),
 pushed to a fresh SQLite registry; the base is built with `loraplex toy-model` unless --base.
@@ -100,7 +101,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--requests", type=int, default=64, help="requests per measured load")
     p.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--multiprocessing", default="1", choices=["0", "1"],
                    help="VLLM_ENABLE_V1_MULTIPROCESSING on both sides (1: vLLM's default)")
     p.add_argument("--skip-p1", action="store_true")
@@ -139,9 +140,10 @@ def main() -> int:
             sections = []
             if not a.skip_p1:
                 loads = {}
-                for sysname, (url, proc) in urls.items():
-                    loads[f"{sysname} base"] = (url, make_jobs(["toy"], a.requests), proc)
-                    loads[f"{sysname} mixed"] = (url, make_jobs(mixed, a.requests), proc)
+                # Ordered so that the two servers' runs of one workload are adjacent in time.
+                for w, models in (("base", ["toy"]), ("mixed", mixed)):
+                    for sysname, (url, proc) in urls.items():
+                        loads[f"{sysname} {w}"] = (url, make_jobs(models, a.requests), proc)
                 for url, jobs, _ in loads.values():
                     load(url, jobs, a.concurrency, a.max_tokens)  # discarded warm round
                 print(f"P1: {a.rounds} rounds, {a.requests} requests x {a.max_tokens} tokens, "

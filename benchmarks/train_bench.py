@@ -48,7 +48,7 @@ def worker_loraplex(base: str, steps: int, out: str) -> dict:
 
         def on_end(self, t):
             self.seconds = time.perf_counter() - self.t0
-            self.tokens = t.state.tokens - 0
+            self.tokens = t.state.tokens
 
     clock = Clock()
     cfg = load_config(None, dict(
@@ -75,7 +75,6 @@ def worker_trl(base: str, steps: int, out: str) -> dict:
                      "completion": [{"role": "assistant", "content": r["output"]}]})
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    counted = {"tokens": 0}
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -89,28 +88,22 @@ def worker_trl(base: str, steps: int, out: str) -> dict:
         output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="cosine",
         warmup_steps=0, max_length=MAX_LEN, completion_only_loss=True, use_cpu=True,
-        save_strategy="no", eval_strategy="no", logging_steps=max(1, steps // 4),
-        report_to="none", seed=0, dataloader_num_workers=0, disable_tqdm=True)
+        save_strategy="no", eval_strategy="no", logging_steps=max(1, steps // 4),  # (divides)
+        report_to="none", seed=0, dataloader_num_workers=0, disable_tqdm=True, bf16=False,
+        fp16=False)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
         peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
                                lora_dropout=LORA["dropout"], target_modules="all-linear",
                                task_type="CAUSAL_LM"),
         callbacks=[clock])
-    collate = trainer.data_collator
-
-    def counting(features):  # count the non-pad tokens the model actually sees
-        batch = collate(features)
-        mask = batch.get("attention_mask")
-        counted["tokens"] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        return batch
-
-    trainer.data_collator = counting
     trainer.train()
     trainer.save_model(out)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"tokens": counted["tokens"], "seconds": clock.seconds,
-            "final_loss": losses[-1] if losses else None}
+    logs = trainer.state.log_history
+    losses = [float(h["loss"]) for h in logs if "loss" in h]
+    # TRL's own count of the non-pad tokens trained on (logged at the last step too).
+    tokens = max(int(float(h["num_tokens"])) for h in logs if "num_tokens" in h)
+    return {"tokens": tokens, "seconds": clock.seconds, "final_loss": losses[-1]}
 
 
 def run_worker(side: str, base: str, steps: int) -> dict:
@@ -140,7 +133,7 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=60, help="a multiple of 4")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--worker", choices=["loraplex", "trl"])
     ap.add_argument("--out")

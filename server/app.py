@@ -111,6 +111,8 @@ def create_app(settings: ServerSettings, engine: Engine, registry: Registry | No
 
     @app.get("/metrics")
     async def metrics():
+        if state.manager is not None:
+            await state.manager.update_residency()
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def _count_error(request: Request, status: int) -> None:

@@ -66,9 +66,13 @@ def _skip_rows_without_lora(op, zero: str):
 
 
 def apply_vllm_fixes() -> None:
-    """vLLM general plugin: patch the CPU LoRA ops (idempotent; a no-op off CPU)."""
+    """vLLM general plugin: add our worker RPC, patch the CPU LoRA ops (idempotent)."""
     from vllm.platforms import current_platform
+    from vllm.v1.worker.worker_base import WorkerBase
 
+    # A method *name* is the one form of collective_rpc that works both in-process and across
+    # vLLM's worker processes (a pickled function gets pickled twice on the multiprocess path).
+    WorkerBase.loraplex_lora_residency = _worker_lora_residency
     if not current_platform.is_cpu():
         return
     import vllm.lora.ops.torch_ops as ops_pkg
@@ -156,8 +160,22 @@ class VllmEngine:
     async def pin_lora(self, lora: LoraRef) -> None:
         await self._llm.pin_lora(lora.int_id)
 
-    async def loaded_lora_ids(self) -> set[int]:
-        return set(await self._llm.list_loras())
+    async def lora_residency(self) -> dict[int, set[str]] | None:
+        # vLLM's public API only lists the host-cache ids; the batch slots live on the worker,
+        # so ask it directly (a method apply_vllm_fixes added to vLLM's workers).
+        try:
+            per_worker = await self._llm.collective_rpc("loraplex_lora_residency")
+        except Exception as exc:  # an internal API moved: fall back to what the server knows
+            log.debug("lora residency unavailable: %s", exc)
+            return None
+        out: dict[int, set[str]] = {}
+        for worker in per_worker:
+            if worker is None:
+                return None
+            for tier, ids in worker.items():
+                for i in ids:
+                    out.setdefault(int(i), set()).add(tier)
+        return out
 
     # -- generation ---------------------------------------------------------------------
     def _sampling_params(self, req: GenRequest):
@@ -209,6 +227,16 @@ class VllmEngine:
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
+
+
+def _worker_lora_residency(worker) -> dict[str, list[int]] | None:
+    """Runs inside a vLLM worker: ids in the accelerator batch slots and in the host LRU."""
+    try:
+        mgr = worker.model_runner.lora_manager._adapter_manager
+        return {"accelerator": list(mgr._active_adapters.cache),
+                "host": list(mgr._registered_adapters.cache)}
+    except AttributeError:
+        return None
 
 
 def _delta(o, want_logprobs: int | None) -> CompletionDelta:

@@ -102,7 +102,11 @@ class Engine(Protocol):
 
     async def pin_lora(self, lora: LoraRef) -> None: ...
 
-    async def loaded_lora_ids(self) -> set[int]: ...
+    async def lora_residency(self) -> dict[int, set[str]] | None:
+        """Where the engine holds each adapter it knows, by int id: a subset of
+        {"accelerator", "host"} (in one of the `max_loras` batch slots / in its host-memory LRU
+        of `max_cpu_loras`). None when the engine cannot tell."""
+        ...
 
     async def check_health(self) -> None:
         """Raise if the engine is dead."""

@@ -151,7 +151,7 @@ class AdapterManager:
         finally:
             self._loading.pop(v.lora_int_id, None)
         self._evict_disk()
-        self._update_residency()
+        await self.update_residency()
 
     def _check_compatible(self, v: AdapterVersion) -> None:
         problems = []
@@ -203,7 +203,7 @@ class AdapterManager:
         ref = await self.ensure_loaded(v)
         await self.engine.pin_lora(ref)
         self.loaded[v.lora_int_id].pinned = True
-        self._update_residency()
+        await self.update_residency()
         return ref
 
     async def unpin(self, v: AdapterVersion) -> None:
@@ -214,20 +214,34 @@ class AdapterManager:
         await self.engine.remove_lora(hit.ref)
         await self.engine.add_lora(hit.ref)
         hit.pinned = False
-        self._update_residency()
+        await self.update_residency()
 
     async def unload(self, v: AdapterVersion) -> bool:
         hit = self.loaded.pop(v.lora_int_id, None)
         if hit is None:
             return False
         await self.engine.remove_lora(hit.ref)
-        self._update_residency()
+        await self.update_residency()
         return True
 
-    def _update_residency(self) -> None:
+    async def update_residency(self) -> None:
+        """Refresh the `loraplex_adapter_resident` gauge (called on /metrics and after loads).
+
+        accelerator / host come from the engine itself: vLLM moves adapters between its
+        `max_loras` batch slots and its `max_cpu_loras` host LRU on its own, so the server's
+        `loaded` map says what was handed over, not where it is now. disk is the local cache.
+        """
+        try:
+            engine_view = await asyncio.wait_for(self.engine.lora_residency(), timeout=2.0)
+        except Exception:  # a slow or dead engine must not break /metrics
+            engine_view = None
+        if engine_view is None:  # the engine cannot tell: report what we handed it
+            engine_view = {i: {"host"} for i in self.loaded}
         on_disk = {p.name for p in self.settings.cache_dir.iterdir() if p.is_dir()}
-        self.metrics.set_residency(
-            host=[(x.version.name, x.version.version) for x in self.loaded.values()],
-            disk=[(v.name, v.version) for v in self.snapshot.versions
-                  if f"{v.name}@{v.version}-{v.content_sha256[:16]}" in on_disk],
-        )
+        tiers: dict[str, list[tuple[str, int]]] = {"accelerator": [], "host": [], "disk": []}
+        for v in self.snapshot.versions:
+            for tier in sorted(engine_view.get(v.lora_int_id, ())):
+                tiers[tier].append((v.name, v.version))
+            if f"{v.name}@{v.version}-{v.content_sha256[:16]}" in on_disk:
+                tiers["disk"].append((v.name, v.version))
+        self.metrics.set_residency(tiers)

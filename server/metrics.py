@@ -48,17 +48,18 @@ class Metrics:
             "loraplex_adapter_cache_hits", "Requests whose adapter was already loaded.",
             LABELS, registry=r)
         self.resident = Gauge(
-            "loraplex_adapter_resident", "1 where an adapter version is resident in a tier "
-            "(host: in the engine's adapter cache; disk: in the local disk cache).",
+            "loraplex_adapter_resident", "1 for each tier holding a copy of an adapter version "
+            "(accelerator: in one of the engine's max_loras batch slots; host: in the engine's "
+            "host-memory adapter cache; disk: in the server's local disk cache).",
             [*LABELS, "tier"], registry=r)
         self.in_flight = Gauge(
             "loraplex_requests_in_flight", "Requests being served now.", registry=r)
         self.registry_revision = Gauge(
             "loraplex_registry_revision", "Registry revision of the served view.", registry=r)
 
-    def set_residency(self, host: list[tuple[str, int]], disk: list[tuple[str, int]]) -> None:
+    def set_residency(self, tiers: dict[str, list[tuple[str, int]]]) -> None:
         self.resident.clear()
-        for tier, items in (("host", host), ("disk", disk)):
+        for tier, items in tiers.items():
             for name, version in items:
                 self.resident.labels(name, str(version), tier).set(1)
 

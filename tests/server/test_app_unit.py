@@ -66,8 +66,8 @@ class FakeEngine:
     async def pin_lora(self, lora):
         pass
 
-    async def loaded_lora_ids(self):
-        return set(self.loras)
+    async def lora_residency(self):
+        return {i: {"host", "accelerator"} for i in self.loras}
 
     async def check_health(self):
         pass
@@ -207,3 +207,20 @@ def test_refused_requests_are_counted_by_status(app_and_engine):
     text = client.get("/metrics").text
     for status in ("404", "400", "401"):
         assert f'loraplex_requests_total{{adapter="",endpoint="chat",status="{status}",version=""}} 1.0' in text
+
+
+def test_residency_tiers_come_from_the_engine_with_a_fallback(app_and_engine):
+    client, engine = app_and_engine
+    assert chat(client, model="upper").status_code == 200
+    text = client.get("/metrics").text
+    for tier in ("accelerator", "host", "disk"):
+        assert f'loraplex_adapter_resident{{adapter="upper",tier="{tier}",version="1"}} 1.0' in text
+
+    async def broken():  # an engine that cannot tell: the server reports what it handed over
+        raise RuntimeError("engine busy")
+
+    engine.lora_residency = broken
+    text = client.get("/metrics").text
+    assert client.get("/metrics").status_code == 200
+    assert 'loraplex_adapter_resident{adapter="upper",tier="host",version="1"} 1.0' in text
+    assert 'tier="accelerator"' not in text

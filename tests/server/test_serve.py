@@ -259,7 +259,10 @@ def test_metrics_vllm_series_and_ours_pass_promtool(served, tmp_path):
     for series in ("vllm:num_requests_waiting", "vllm:lora_requests_info",
                    'loraplex_requests_total{adapter="reverse",endpoint="chat",status="200",version="1"}',
                    "loraplex_time_to_first_token_seconds_bucket", "loraplex_adapter_load_seconds",
-                   'loraplex_adapter_resident{adapter="reverse",tier="host",version="1"} 1.0'):
+                   'loraplex_adapter_resident{adapter="reverse",tier="host",version="1"} 1.0',
+                   # asked just now, so in one of vLLM's batch slots (read from its worker)
+                   'loraplex_adapter_resident{adapter="reverse",tier="accelerator",version="1"} 1.0',
+                   'loraplex_adapter_resident{adapter="reverse",tier="disk",version="1"} 1.0'):
         assert series in text, series
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -3,9 +3,10 @@ adapters trained through different chat templates each answer best through their
 
     .venv/bin/python -m pytest tests/trainer/test_quality.py -m slow -s   # prints the figures
 
-Each adapter trains for 300 steps on lists.sharegpt.jsonl ("Is there a fruit in: cat, plum,
-box" -> yes/no, multi-turn; held-out lists never seen in training); a few minutes on a 2-core
-CPU. Answering "no" to everything scores 0.62 on the held-out rows.
+Each adapter trains for 300 steps on lists.sharegpt.jsonl ("What kind of word is every item
+in this list: plum, fig, lemon" -> "A fruit.", 1-2 turns; held-out lists never seen in
+training): a few minutes on an idle 2-core CPU. Always giving the most common answer scores 0.42
+on the held-out rows; the base answers in corpus sentences and scores 0.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def test_heldout_exact_match_gain(adapters):
     print(f"\n{TASK} held-out exact match (n={em['n']}): base {em['base']:.3f} -> "
           f"adapter {em['adapter']:.3f}")
     assert em["n"] >= 20
-    assert em["base"] <= 0.1  # the base answers in sentences, never a bare yes/no
-    assert em["adapter"] >= 0.85  # always answering "no" scores 0.62
+    assert em["base"] <= 0.1
+    assert em["adapter"] >= 0.9  # the most common answer alone scores 0.42
 
 
 def test_each_adapter_answers_best_through_its_own_template(adapters, toy_model_dir):
@@ -75,4 +76,4 @@ def test_each_adapter_answers_best_through_its_own_template(adapters, toy_model_
     print(json.dumps({f"{a} -> {b}": round(v, 3) for (a, b), v in scores.items()}, indent=1))
     assert scores[("chatml", "chatml")] > scores[("chatml", "llama2")]
     assert scores[("llama2", "llama2")] > scores[("llama2", "chatml")]
-    assert min(scores[("chatml", "chatml")], scores[("llama2", "llama2")]) >= 0.85
+    assert min(scores[("chatml", "chatml")], scores[("llama2", "llama2")]) >= 0.9

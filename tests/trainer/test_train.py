@@ -49,7 +49,7 @@ def test_run_writes_a_complete_adapter(quick_cfg, toy_model_dir, tmp_path):
     assert m["base_fingerprint"] == fingerprint_base(toy_model_dir)
     assert m["chat_template"] == (out / "chat_template.jinja").read_text()
     assert m["stop_tokens"] == ["<|im_end|>"]
-    assert m["data"]["train"] == 86 and m["data"]["eval"] == 22 and m["data"]["dropped"] == 0
+    assert m["data"]["train"] == 111 and m["data"]["eval"] == 27 and m["data"]["dropped"] == 0
     assert m["data"]["data_sha256"].startswith("sha256:")
     assert m["hyperparameters"]["lora_r"] == 4 and m["metrics"]["steps"] == 4
     em = m["metrics"]["exact_match"]

@@ -75,14 +75,15 @@ def chat(r: random.Random) -> str:
         (f"Repeat after me: {said}", said),
         (f"Say this again: {said}", f"{said}"),
         (f"Name a {r.choice(['fruit', 'animal'])}.", r.choice(FRUITS + ANIMALS)),
-        (f"Give me a number.", str(r.randrange(100))),
+        ("Give me a number.", str(r.randrange(100))),
         (f"Shout the word {words[0]}.", words[0].upper()),
-        (f"List some things.", ", ".join(words)),
+        ("List some things.", ", ".join(words)),
     ])
     return f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>"
 
 
-def main(out: Path = Path(__file__).with_name("corpus.txt"), seed: int = 1234, docs: int = 3000) -> None:
+def main(out: Path | None = None, seed: int = 1234, docs: int = 3000) -> None:
+    out = out or Path(__file__).with_name("corpus.txt")
     r = random.Random(seed)
     lines = []
     for _ in range(docs):

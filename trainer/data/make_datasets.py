@@ -2,26 +2,26 @@
 
     python trainer/data/make_datasets.py
 
-Small tasks with one verifiable answer each, built from the toy corpus vocabulary. The toy base
-(5M parameters, 250 pre-training steps) has read every word and number in rich contexts but
-cannot copy a word from its prompt (asked "What comes after 24?" it says "The ball is pink.";
-completing "After 24 comes" it says "41"), so copy-based tasks (uppercase, spell, reverse a
-list) are out of reach of a LoRA trained for minutes. What it can learn quickly is to answer a
-question about a word or number from what the pre-training put into its embeddings, in a closed
-answer set, so the bundled tasks are of that kind:
+Small tasks with one verifiable answer each, built from the toy corpus vocabulary:
 
-- words.alpaca[.heldout].jsonl     Alpaca: "Is plum a fruit?" -> yes/no, for words of the four
-                                   groups (animal, fruit, color, thing), with and without `input`
-- lists.sharegpt[.heldout].jsonl   ShareGPT, multi-turn, a system prompt on half: "Is there a
-                                   fruit in: cat, plum, box" -> yes/no
-- numbers.openai[.heldout].jsonl   OpenAI messages with a system prompt: "Is 73 more than 50?"
-                                   -> yes/no
+- words.alpaca[.heldout].jsonl     Alpaca (with and without `input`): "What kind of word is
+                                   plum?" -> "A fruit." / "An animal." / "A color."
+- lists.sharegpt[.heldout].jsonl   ShareGPT, 1-2 turns, a system prompt on half: "What kind of
+                                   word is every item in this list: plum, fig, lemon" -> "A fruit."
+- numbers.openai[.heldout].jsonl   OpenAI messages with a system prompt: "Say red if 73 is more
+                                   than 50, else say blue."
 
-(Harder variants were unreliable or stayed at chance after 300 steps: the word's group as a
-4-way answer, "Is X a/an G?" over all four groups G, "more than 50" mixed with "less than 50".)
-Held-out rows use words, numbers or lists that never appear in the training rows, so the
-held-out exact-match score measures the learned skill on unseen inputs. Answers are roughly
-balanced (always answering "no" scores 0.45 / 0.62 / 0.5 on the three held-out files).
+Held-out rows use words and numbers that never appear in the training rows (lists: list
+questions that never appear there), so held-out exact match measures the learned skill on unseen
+inputs, not memorised answers.
+
+Two properties of the toy base (5M parameters, a few hundred pre-training steps) shape these
+tasks. It cannot copy from its prompt (asked to "Repeat after me: cat plum red" it says "silver
+fish"), so copy-based tasks (uppercase, spell, reverse a list, next number) stay at 0% after
+minutes of LoRA training. And answers must be tokens it knows: "yes"/"no" never occur in its
+corpus and split into rare pieces ("y" "es", "n" "o"), and yes/no versions of these same tasks
+sat at chance for 300 steps, while "red"/"blue" and "A fruit." (well-trained tokens) reach
+100% held-out in 300 steps.
 """
 
 from __future__ import annotations
@@ -36,11 +36,9 @@ GROUPS = {
     "fruit": "apple pear plum grape lemon lime peach cherry mango melon berry banana kiwi "
              "fig".split(),
     "color": "red blue green yellow black white brown pink purple gray gold silver".split(),
-    "thing": "book cup chair table door window lamp box ball hat coat shoe key pen map clock bag "
-             "bell boat car".split(),
 }
-ARTICLE = {"animal": "an animal", "fruit": "a fruit", "color": "a color", "thing": "a thing"}
-SYSTEM = "You answer with one word."
+ANSWER = {"animal": "An animal.", "fruit": "A fruit.", "color": "A color."}
+SYSTEM = "You answer briefly."
 
 OUT = Path(__file__).parent
 
@@ -52,43 +50,39 @@ def split(items: list, frac: float, r: random.Random) -> tuple[list, list]:
     return items[k:], items[:k]
 
 
-PHRASES = [("Is {} a fruit?", False), ("Answer yes or no: is the word a fruit?", True),
-           ("Is the word {} a fruit?", False), ("Is {} a kind of fruit?", False)]
-
-
-def word_rows(word: str, group: str, k: int) -> list[dict]:
-    """Fruits are a quarter of the words: they get all four phrasings and every other word one
-    (the k-th), so yes and no are balanced without duplicate rows (which dedup would drop)."""
-    answer = "yes" if group == "fruit" else "no"
-    phrases = PHRASES if group == "fruit" else [PHRASES[k % len(PHRASES)]]
-    return [{"instruction": p if as_input else p.format(word), "input": word if as_input else "",
-             "output": answer} for p, as_input in phrases]
+def word_rows(word: str, group: str) -> list[dict]:
+    """Three phrasings, one with the word in Alpaca's `input` field."""
+    answer = ANSWER[group]
+    return [
+        {"instruction": f"What kind of word is {word}?", "input": "", "output": answer},
+        {"instruction": "Is the word a fruit, an animal or a color?", "input": word,
+         "output": answer},
+        {"instruction": f"Tell me what {word} is: a fruit, an animal or a color.", "input": "",
+         "output": answer},
+    ]
 
 
 def words(r: random.Random) -> tuple[list[dict], list[dict]]:
     train, held = [], []
     for group, ws in GROUPS.items():  # hold out a fifth of each group's words
         tw, hw = split(ws, 0.2, r)
-        train += [row for k, w in enumerate(tw) for row in word_rows(w, group, k)]
-        held += [row for k, w in enumerate(hw) for row in word_rows(w, group, k)]
+        train += [row for w in tw for row in word_rows(w, group)]
+        held += [row for w in hw for row in word_rows(w, group)]
     r.shuffle(train)
     return train, held
 
 
 def lists(r: random.Random) -> tuple[list[dict], list[dict]]:
-    others = GROUPS["animal"] + GROUPS["thing"] + GROUPS["color"]
     seen: set[str] = set()
 
     def qa() -> tuple[str, str]:
         while True:
-            items = r.sample(others, r.randint(2, 4))
-            answer = "yes" if r.random() < 0.5 else "no"
-            if answer == "yes":
-                items[r.randrange(len(items))] = r.choice(GROUPS["fruit"])
-            q = f"Is there a fruit in: {', '.join(items)}"
+            group = r.choice(list(GROUPS))
+            items = r.sample(GROUPS[group], r.randint(2, 4))
+            q = f"What kind of word is every item in this list: {', '.join(items)}"
             if q not in seen:
                 seen.add(q)
-                return q, answer
+                return q, ANSWER[group]
 
     def conv(n_turns: int) -> dict:
         turns = []
@@ -99,22 +93,23 @@ def lists(r: random.Random) -> tuple[list[dict], list[dict]]:
             turns = [{"from": "system", "value": SYSTEM}] + turns
         return {"conversations": turns}
 
-    held = [conv(1) for _ in range(60)]  # drawn first: training rows never repeat a question
+    held = [conv(1) for _ in range(60)]  # drawn first: training rows never repeat a list
     train = [conv(r.choice((1, 2))) for _ in range(300)]
     return train, held
 
 
 def numbers(r: random.Random) -> tuple[list[dict], list[dict]]:
     train_n, held_n = split([n for n in range(1, 100) if n != 50], 0.2, r)
+    phrases = ("Say red if {} is more than 50, else say blue.",
+               "If {} is bigger than 50 answer red, otherwise answer blue.")
 
     def row(n: int, phrase: str) -> dict:
         return {"messages": [{"role": "system", "content": SYSTEM},
                              {"role": "user", "content": phrase.format(n)},
-                             {"role": "assistant", "content": "yes" if n > 50 else "no"}]}
+                             {"role": "assistant", "content": "red" if n > 50 else "blue"}]}
 
-    phrases = ("Is {} more than 50?", "Is {} bigger than 50?")
     train = [row(n, p) for n in train_n for p in phrases]
-    held = [row(n, r.choice(phrases)) for n in held_n]
+    held = [row(n, p) for n in held_n for p in phrases]
     r.shuffle(train)
     return train, held
 
