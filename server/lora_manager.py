@@ -150,8 +150,9 @@ class AdapterManager:
             fut.exception()  # mark retrieved: nobody may be waiting any more
         finally:
             self._loading.pop(v.lora_int_id, None)
+        # No residency refresh here: it is an engine RPC that would queue ahead of the request
+        # that waited for this load; /metrics refreshes it when it is read.
         self._evict_disk()
-        await self.update_residency()
 
     def _check_compatible(self, v: AdapterVersion) -> None:
         problems = []
@@ -225,7 +226,7 @@ class AdapterManager:
         return True
 
     async def update_residency(self) -> None:
-        """Refresh the `loraplex_adapter_resident` gauge (called on /metrics and after loads).
+        """Refresh the `loraplex_adapter_resident` gauge (on /metrics, and after admin verbs).
 
         accelerator / host come from the engine itself: vLLM moves adapters between its
         `max_loras` batch slots and its `max_cpu_loras` host LRU on its own, so the server's
