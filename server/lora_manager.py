@@ -150,8 +150,6 @@ class AdapterManager:
             fut.exception()  # mark retrieved: nobody may be waiting any more
         finally:
             self._loading.pop(v.lora_int_id, None)
-        # No residency refresh here: it is an engine RPC that would queue ahead of the request
-        # that waited for this load; /metrics refreshes it when it is read.
         self._evict_disk()
 
     def _check_compatible(self, v: AdapterVersion) -> None:
@@ -168,9 +166,12 @@ class AdapterManager:
             raise AdapterIncompatible(f"adapter {v.ref} cannot be served here", problems=problems,
                                       param="model")
 
+    def _cache_path(self, v: AdapterVersion) -> Path:
+        return self.settings.cache_dir / f"{v.name}@{v.version}-{v.content_sha256[:16]}"
+
     def _local_copy(self, v: AdapterVersion) -> Path:
         """Disk cache hit, or fetch (sha256-verified) into a temp dir, validate, rename."""
-        d = self.settings.cache_dir / f"{v.name}@{v.version}-{v.content_sha256[:16]}"
+        d = self._cache_path(v)
         if d.exists():
             d.touch()  # LRU by mtime
             return d
@@ -204,7 +205,6 @@ class AdapterManager:
         ref = await self.ensure_loaded(v)
         await self.engine.pin_lora(ref)
         self.loaded[v.lora_int_id].pinned = True
-        await self.update_residency()
         return ref
 
     async def unpin(self, v: AdapterVersion) -> None:
@@ -215,18 +215,19 @@ class AdapterManager:
         await self.engine.remove_lora(hit.ref)
         await self.engine.add_lora(hit.ref)
         hit.pinned = False
-        await self.update_residency()
 
     async def unload(self, v: AdapterVersion) -> bool:
         hit = self.loaded.pop(v.lora_int_id, None)
         if hit is None:
             return False
         await self.engine.remove_lora(hit.ref)
-        await self.update_residency()
         return True
 
     async def update_residency(self) -> None:
-        """Refresh the `loraplex_adapter_resident` gauge (on /metrics, and after admin verbs).
+        """Refresh the `loraplex_adapter_resident` gauge; /metrics calls it before rendering.
+
+        Only there: the gauge is read nowhere else, and the engine query is a worker RPC that,
+        run after a load, would queue ahead of the request that waited for it (P3 measured it).
 
         accelerator / host come from the engine itself: vLLM moves adapters between its
         `max_loras` batch slots and its `max_cpu_loras` host LRU on its own, so the server's
@@ -243,6 +244,6 @@ class AdapterManager:
         for v in self.snapshot.versions:
             for tier in sorted(engine_view.get(v.lora_int_id, ())):
                 tiers[tier].append((v.name, v.version))
-            if f"{v.name}@{v.version}-{v.content_sha256[:16]}" in on_disk:
+            if self._cache_path(v).name in on_disk:
                 tiers["disk"].append((v.name, v.version))
         self.metrics.set_residency(tiers)
