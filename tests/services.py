@@ -9,6 +9,9 @@
 
 Both servers start once per session, only when a test asks for them, and skip (not fail) where
 the binaries are missing.
+
+- `loraplex serve` itself: `server_env` (the test engine settings, as `LORAPLEX_*`),
+  `spawn_server` and `wait_ready`, shared by the server tests and the multi-replica tests.
 """
 
 from __future__ import annotations
@@ -161,3 +164,47 @@ def create_bucket(s3_server: dict) -> str:
 def s3_url(s3_server: dict) -> str:
     """A fresh bucket (and prefix) on the session's S3 server."""
     return create_bucket(s3_server)
+
+
+# -- loraplex serve ------------------------------------------------------------------------------
+
+def server_env(home: Path, port: int, **extra: str) -> dict[str, str]:
+    """The environment of a test `loraplex serve` on loopback; `extra` overrides or adds."""
+    env = dict(os.environ)
+    env.update(
+        LORAPLEX_HOME=str(home), LORAPLEX_PORT=str(port), LORAPLEX_HOST="127.0.0.1",
+        LORAPLEX_SERVED_MODEL_NAME="toy", LORAPLEX_BASE_NAME="toy",
+        LORAPLEX_DTYPE="float32",  # vLLM's CPU default is bf16: fp32 keeps greedy ties away
+        LORAPLEX_MAX_LORAS="2", LORAPLEX_MAX_LORA_RANK="8", LORAPLEX_MAX_CPU_LORAS="8",
+        LORAPLEX_MAX_MODEL_LEN="512", LORAPLEX_GPU_MEMORY_UTILIZATION="0.1",
+        LORAPLEX_CPU_KVCACHE_SPACE_GIB="1", LORAPLEX_ENFORCE_EAGER="true",
+        LORAPLEX_POLL_INTERVAL_S="1.0", LORAPLEX_API_KEYS="test-key",
+        LORAPLEX_ADMIN_KEY="admin-secret", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        HF_HUB_OFFLINE="1",
+    )
+    env.update(extra)
+    return env
+
+
+def spawn_server(model: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start `loraplex serve` in its own process group (so a test can signal the whole tree)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "loraplex.adapters.cli", "serve", "--model", str(model)],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
+    """Wait for `url`/ready to answer 200; raise with the server's log if it dies or times out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"server not ready in {timeout}s:\n{log.read_text()[-4000:]}")

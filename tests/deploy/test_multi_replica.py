@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +28,14 @@ import pytest
 
 from loraplex.adapters.registry import Registry
 from tests.deploy.k8s import referenced_metrics
-from tests.services import create_bucket, create_database, free_port
+from tests.services import (
+    create_bucket,
+    create_database,
+    free_port,
+    server_env,
+    spawn_server,
+    wait_ready,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.postgres, pytest.mark.s3]
 
@@ -59,36 +65,13 @@ class Replica:
 def replica_env(home: Path, port: int, registry_url: str, artifacts_url: str, s3: dict
                 ) -> dict[str, str]:
     """The env a Pod of the chart gets (same names), pointed at loopback services."""
-    env = dict(os.environ)
-    env.update(
-        LORAPLEX_HOME=str(home), LORAPLEX_HOST="127.0.0.1", LORAPLEX_PORT=str(port),
-        LORAPLEX_SERVED_MODEL_NAME="toy", LORAPLEX_BASE_NAME="toy", LORAPLEX_DTYPE="float32",
-        LORAPLEX_MAX_LORAS="2", LORAPLEX_MAX_LORA_RANK="8", LORAPLEX_MAX_CPU_LORAS="4",
-        LORAPLEX_MAX_MODEL_LEN="512", LORAPLEX_MAX_NUM_SEQS="8",
-        LORAPLEX_GPU_MEMORY_UTILIZATION="0.1", LORAPLEX_CPU_KVCACHE_SPACE_GIB="1",
-        LORAPLEX_ENFORCE_EAGER="true", LORAPLEX_POLL_INTERVAL_S="0.5",
-        LORAPLEX_API_KEYS="test-key", LORAPLEX_ADMIN_KEY="admin-secret",
-        LORAPLEX_DRAIN_TIMEOUT_S="60",
+    return server_env(
+        home, port, LORAPLEX_MAX_CPU_LORAS="4", LORAPLEX_MAX_NUM_SEQS="8",
+        LORAPLEX_POLL_INTERVAL_S="0.5", LORAPLEX_DRAIN_TIMEOUT_S="60",
         LORAPLEX_REGISTRY_URL=registry_url, LORAPLEX_ARTIFACTS_URL=artifacts_url,
         LORAPLEX_S3_ENDPOINT_URL=s3["endpoint_url"], LORAPLEX_S3_KEY=s3["key"],
         LORAPLEX_S3_SECRET=s3["secret"],
-        VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
     )
-    return env
-
-
-def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"replica exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"replica not ready in {timeout}s:\n{log.read_text()[-4000:]}")
 
 
 def eventually(check: Callable[[], bool], within: float = SPREAD_S) -> float:
@@ -123,10 +106,8 @@ def cluster(toy_model_dir, lora_trainer, pg_server, s3_server, tmp_path_factory)
         port, home = free_port(), root / name
         home.mkdir()
         log = root / f"{name}.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "loraplex.adapters.cli", "serve", "--model", str(toy_model_dir)],
-            env=replica_env(home, port, registry_url, artifacts_url, s3_server),
-            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        proc = spawn_server(toy_model_dir,
+                            replica_env(home, port, registry_url, artifacts_url, s3_server), log)
         replicas.append(Replica(name, f"http://127.0.0.1:{port}", proc, log))
     try:
         for r in replicas:

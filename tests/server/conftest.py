@@ -9,23 +9,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from loraplex.adapters.registry import Registry
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.services import free_port, server_env, spawn_server, wait_ready
 
 
 @dataclass
@@ -53,41 +44,14 @@ class Served:
         return AsyncOpenAI(base_url=self.v1, api_key="test-key", max_retries=0, **kw)
 
 
-def server_env(home: Path, port: int, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        LORAPLEX_HOME=str(home), LORAPLEX_PORT=str(port), LORAPLEX_HOST="127.0.0.1",
-        LORAPLEX_SERVED_MODEL_NAME="toy", LORAPLEX_BASE_NAME="toy",
-        LORAPLEX_DTYPE="float32",  # vLLM's CPU default is bf16: fp32 keeps greedy ties away
-        LORAPLEX_MAX_LORAS="2", LORAPLEX_MAX_LORA_RANK="8", LORAPLEX_MAX_CPU_LORAS="8",
-        LORAPLEX_MAX_MODEL_LEN="512", LORAPLEX_GPU_MEMORY_UTILIZATION="0.1",
-        LORAPLEX_CPU_KVCACHE_SPACE_GIB="1", LORAPLEX_ENFORCE_EAGER="true",
-        LORAPLEX_POLL_INTERVAL_S="1.0", LORAPLEX_API_KEYS="test-key",
-        LORAPLEX_ADMIN_KEY="admin-secret", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-        HF_HUB_OFFLINE="1",
-    )
-    env.update(extra)
-    return env
-
-
 def start_server(model: Path, env: dict[str, str], log: Path, timeout: float = 240) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loraplex.adapters.cli", "serve", "--model", str(model)],
-        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{env['LORAPLEX_PORT']}/ready"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"server not ready in {timeout}s:\n{log.read_text()[-4000:]}")
+    proc = spawn_server(model, env, log)
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{env['LORAPLEX_PORT']}", log, timeout)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc
 
 
 def stop_server(proc: subprocess.Popen) -> None:
