@@ -149,15 +149,18 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def machine() -> str:
-    cpu = "?"
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the machine line every benchmark prints."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine() -> str:
     load1, load5, _ = os.getloadavg()
-    return (f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, "
+    return (f"{os.cpu_count()} CPUs ({cpu_model()}), {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, load average {load1:.2f}/{load5:.2f} at start, "
             f"{dt.datetime.now().astimezone().isoformat(timespec='seconds')}")
 

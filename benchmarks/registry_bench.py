@@ -28,6 +28,9 @@ from safetensors.numpy import save_file
 
 from loraplex.adapters.registry import Registry
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen  # noqa: E402
+
 HIDDEN, INTER, LAYERS, RANK = 64, 128, 2, 4
 MODULES = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
            "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
@@ -74,16 +77,6 @@ def timed(fn, runs: int) -> tuple[float, float]:
         samples.append((time.perf_counter() - t0) * 1000)
     samples.sort()
     return statistics.median(samples), samples[min(len(samples) - 1, int(0.95 * len(samples)))]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> int:
@@ -150,7 +143,7 @@ def main() -> int:
 
     backend = "PostgreSQL" if args.url and args.url.startswith("postgres") else "SQLite (WAL)"
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"machine: {cpu_model()}, nproc {__import__('os').cpu_count()}, "
+    print(f"machine: {loadgen.cpu_model()}, nproc {__import__('os').cpu_count()}, "
           f"Python {platform.python_version()}, backend {backend}")
     print(f"setup: {args.versions} versions over {len(names)} names pushed through "
           f"Registry.push in {push_s:.1f} s ({1000 * push_s / args.versions:.1f} ms/push)\n")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -27,6 +26,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen  # noqa: E402  (standard library only: the workers' RSS is not affected)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "trainer" / "data" / "words.alpaca.jsonl"
@@ -119,15 +121,7 @@ def run_worker(side: str, base: str, steps: int) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start"
+    return f"{loadgen.cpu_model()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start"
 
 
 def main() -> None:
