@@ -46,8 +46,15 @@ def push_worker(url: str, artifacts: str, opts: dict | None, adapter: str, name:
 
 
 def alias_mover(url: str, artifacts: str, name: str, targets: list[str], moves: int,
-                barrier: Any, out: Any) -> None:
-    """Move `name:prod` through `targets` in turn; report the revision each move produced."""
+                barrier: Any, out: Any, seen: Any = None, every: int = 5) -> None:
+    """Move `name:prod` through `targets` in turn; report the revision each move produced.
+
+    With `seen` (a shared int the reader sets to the last revision it read), the mover waits
+    every `every` moves until the reader has caught up, so reads overlap writes however the
+    two processes are scheduled; between those checkpoints both run freely.
+    """
+    import time
+
     from loraplex.adapters.registry import Registry
 
     try:
@@ -58,6 +65,10 @@ def alias_mover(url: str, artifacts: str, name: str, targets: list[str], moves: 
             target = targets[i % len(targets)]
             reg.set_alias(name, "prod", target)
             log.append(target)
+            if seen is not None and (i + 1) % every == 0:
+                revision, deadline = reg.revision(), time.monotonic() + 60
+                while seen.value < revision and time.monotonic() < deadline:
+                    time.sleep(0.001)
         reg.close()
         out.put(("ok", log))
     except BaseException as exc:

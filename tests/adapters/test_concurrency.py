@@ -93,9 +93,9 @@ def test_alias_moves_are_atomic_for_readers(backend: str, make_registry: Callabl
     moves = 40
 
     ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(2), ctx.Queue()
+    barrier, out, seen = ctx.Barrier(2), ctx.Queue(), ctx.Value("q", rev0)
     proc = ctx.Process(target=registry_workers.alias_mover,
-                       args=(reg.url, reg.store.url, "bot", targets, moves, barrier, out))
+                       args=(reg.url, reg.store.url, "bot", targets, moves, barrier, out, seen))
     proc.start()
     barrier.wait(timeout=60)
     seen_revisions = set()
@@ -113,8 +113,10 @@ def test_alias_moves_are_atomic_for_readers(backend: str, make_registry: Callabl
         # The database path answers from a whole state too.
         assert reg.resolve("bot:prod", key="x").version in {1, 2, 3}
         seen_revisions.add(snap.revision)
+        seen.value = snap.revision  # lets the mover pause every few moves until we caught up
         if k >= moves:
             break
     _collect(out, [proc], 1)
     assert reg.revision() == rev0 + moves
-    assert len(seen_revisions) > 3  # the reader really overlapped the writer
+    # The reader really overlapped the writer: the mover waits for it at every 5th move.
+    assert len(seen_revisions) > 3
