@@ -150,7 +150,7 @@ def median(xs: list[float]) -> float:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), for the machine line every benchmark prints."""
+    """The CPU's model name (/proc/cpuinfo), for `machine()`."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import shutil
 import statistics
@@ -86,6 +85,7 @@ def main() -> int:
     ap.add_argument("--names", type=int, default=100)
     ap.add_argument("--runs", type=int, default=300)
     args = ap.parse_args()
+    machine = loadgen.machine()  # before the work, so its load average is the machine's own
 
     tmp = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
     try:
@@ -143,8 +143,7 @@ def main() -> int:
 
     backend = "PostgreSQL" if args.url and args.url.startswith("postgres") else "SQLite (WAL)"
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"machine: {loadgen.cpu_model()}, nproc {__import__('os').cpu_count()}, "
-          f"Python {platform.python_version()}, backend {backend}")
+    print(f"machine: {machine}; backend {backend}")
     print(f"setup: {args.versions} versions over {len(names)} names pushed through "
           f"Registry.push in {push_s:.1f} s ({1000 * push_s / args.versions:.1f} ms/push)\n")
     print("| operation | runs | median ms | p95 ms | target |")

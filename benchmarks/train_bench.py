@@ -120,10 +120,6 @@ def run_worker(side: str, base: str, steps: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    return f"{loadgen.cpu_model()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True)
@@ -145,7 +141,7 @@ def main() -> None:
     import transformers
     import trl
 
-    env = (f"{machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    env = (f"{loadgen.machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
            f"transformers {transformers.__version__}, trl {trl.__version__}")
     runs: dict[str, list[dict]] = {"loraplex": [], "trl": []}
     for i in range(a.repeats):
