@@ -1,33 +1,48 @@
-"""Chat rendering: the one function the trainer and the server both use to turn messages into ids.
+"""Chat rendering: the one module the trainer and the server both use to turn messages into ids.
 
-    tok = load_tokenizer(base_dir)                       # tokenizers.Tokenizer, cached per path
-    tpl = resolve_template("chatml", base_dir)           # built-in name, .jinja file, or None
-    r = render(tpl, messages, tok)                       # Rendered(text, token_ids, segments)
-    ids, labels = render_for_training(tpl, messages, tok)
-    stops = stop_tokens(tpl, tok)                        # e.g. ["<|im_end|>"]
+    tok = load_tokenizer(base_dir)                        # ChatTokenizer, cached per directory
+    tpl = resolve_template("chatml", base_dir)            # built-in name, .jinja file, or None
+    r = render(tpl, messages, tok)                        # Rendered(text, token_ids): the prompt
+    t = render_for_training(tpl, messages, tok)           # TrainingRender(..., labels, spans, cuts)
+    tok.stop_tokens(tpl)                                  # e.g. ["<|im_end|>"]
 
 Templates run in a sandboxed Jinja environment with Hugging Face semantics (trim_blocks,
-lstrip_blocks, `raise_exception`, `tojson`, `strftime_now`, the tokenizer's special tokens as
-variables), so a base model's own template renders exactly as `apply_chat_template` would.
+lstrip_blocks, `raise_exception`, `tojson`, `strftime_now`, `{% generation %}`, the tokenizer's
+special tokens as variables), and the rendered text is tokenized AS A WHOLE by the tokenizer
+pipeline transformers itself builds for the model directory. So the ids the server sends are
+those of `apply_chat_template(messages, tokenize=True, add_generation_prompt=True)`, which is
+also what vLLM's own server sends, on every tokenizer family (SentencePiece-style tokenizers add
+a `▁` at the start of each encode call, so a turn-by-turn encoding would be wrong there).
 
-Token ids are built segment by segment, never by tokenizing the whole text at once: a BPE merge
-across the prompt/answer boundary would otherwise make the ids of a prompt depend on whether its
-answer follows it. Segment k is render(msgs[:k+1]) minus render(msgs[:k]); an assistant turn is
-split into its header (what `add_generation_prompt` adds), its body (content and end-of-turn
-token) and a tail (whitespace after the end-of-turn token); the generation prompt is its own
-segment. The trainer's prompt ids are therefore exactly the server's ids for the same messages.
+Training labels come from character spans of the rendered text (docs/rendering.md):
+- with `{% generation %}` markers in the template: exactly the marked spans (HF's
+  `return_assistant_tokens_mask` semantics);
+- otherwise, per assistant message: from the end of the generation prompt the server would send
+  for that turn (or, for a template that is not prefix-stable there, from the content minus the
+  whitespace the template put before it) to the end of the end-of-turn token written after the
+  content. Where the content is, is found by rendering the conversation once more with each
+  assistant content replaced by a unique marker, so templates that fold or move messages
+  (Mistral v0.3, Phi-3) render as they are.
+- The boundary rule: the training ids are the whole-text ids, except where a token would merge
+  across the start of a label span (a "\\n" + "\\n" merge in byte-level BPE, "assistant: " +
+  "cat"). There the text is cut: the ids before the cut are exactly the prompt ids the server
+  sends, the answer starts a new token, and `TrainingRender.cuts` counts the cuts.
 
-No torch or transformers here: the server imports this module on every request path.
+No torch or transformers at import time: the server imports this module on every request path
+(transformers is imported lazily, once per tokenizer load).
 """
 
 from __future__ import annotations
 
+import bisect
+import contextvars
 import functools
 import hashlib
 import json
 import logging
+import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -49,58 +64,177 @@ ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # the label of tokens the loss skips (PyTorch's cross_entropy default)
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
                  "mask_token")
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-# -- tokenizers ----------------------------------------------------------------------------------
+# -- the tokenizer ---------------------------------------------------------------------------
 
-# id(tokenizer) -> (tokenizer, special tokens); the tokenizer is kept alive so the id stays unique.
-_SPECIALS: dict[int, tuple[Tokenizer, dict[str, str]]] = {}
+class ChatTokenizer:
+    """A base model's tokenizer as the chat renderer needs it: the encoding pipeline, the
+    special tokens templates see as variables, and per-template stop tokens.
+
+    `tokenizer` is the `tokenizers.Tokenizer` that transformers builds for the directory
+    (`AutoTokenizer(...).backend_tokenizer`): transformers may rebuild a family's pre-tokenizer
+    from its tokenizer_config (Llama's `legacy` / `add_prefix_space`), and vLLM tokenizes with
+    transformers, so this is the pipeline whose ids must be matched.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, special_tokens: dict[str, Any], source: str = ""):
+        self.tokenizer = tokenizer
+        self.special_tokens = dict(special_tokens)
+        self.source = source
+        decoder = tokenizer.get_added_tokens_decoder()
+        self.added_tokens = [t.content for _, t in sorted(decoder.items()) if t.content]
+        self._stops: dict[str, tuple[list[str], bool]] = {}
+        self._continuation: Tokenizer | None = None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ChatTokenizer:
+        d = Path(model_dir)
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:  # the registry alone may run without transformers
+            return cls._from_file(d)
+        try:
+            hf = AutoTokenizer.from_pretrained(str(d))
+        except Exception as exc:  # noqa: BLE001 - any loader failure: say which dir and why
+            if (d / "tokenizer.json").is_file():
+                log.warning("transformers cannot load the tokenizer of %s (%s); using its "
+                            "tokenizer.json as is", d, exc)
+                return cls._from_file(d)
+            raise ConfigError(f"{d}: cannot load its tokenizer ({exc}); the base model needs a "
+                              "fast tokenizer (tokenizer.json)", param="model") from None
+        backend = getattr(hf, "backend_tokenizer", None)
+        if backend is None:
+            raise ConfigError(f"{d}: {type(hf).__name__} is a slow (Python) tokenizer; loraplex "
+                              "needs a fast tokenizer (tokenizer.json)", param="model")
+        tok = Tokenizer.from_str(backend.to_str())  # our own copy: no padding/truncation state
+        tok.no_padding()
+        tok.no_truncation()
+        specials = {k: str(v) for k, v in hf.special_tokens_map.items()
+                    if isinstance(v, str) or k in _SPECIAL_KEYS}
+        return cls(tok, specials, str(d))
+
+    @classmethod
+    def _from_file(cls, d: Path) -> ChatTokenizer:
+        file = d / "tokenizer.json"
+        if not file.is_file():
+            raise ConfigError(f"{d}: no tokenizer.json; the base model needs a fast tokenizer "
+                              "file", param="model")
+        return cls(Tokenizer.from_file(str(file)), _special_tokens_from_config(d), str(d))
+
+    # -- encoding
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` as `apply_chat_template` tokenizes it (templates write BOS/EOS
+        themselves: no special tokens added; added tokens in the text map to their ids)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw completion prompt, with the BOS the tokenizer adds (what vLLM's server does)."""
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def _offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """(ids, start character of each token)."""
+        if not text:
+            return [], []
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        return enc.ids, [a for a, _ in enc.offsets]
+
+    def _continue(self, text: str) -> tuple[list[int], list[int]]:
+        """`text` tokenized as the middle of a longer text (no start-of-input `▁`): up to the
+        first added token with the continuation pipeline, the rest as usual (added tokens split
+        the input, so what follows one is tokenized the same wherever it stands)."""
+        hits = [p for p in (text.find(t) for t in self.added_tokens) if p >= 0]
+        cut = min(hits) if hits else len(text)
+        if cut == 0:
+            return self._offsets(text)
+        if self._continuation is None:
+            self._continuation = _continuation_tokenizer(self.tokenizer)
+        head = self._continuation.encode(text[:cut], add_special_tokens=False)
+        ids, starts = head.ids, [a for a, _ in head.offsets]
+        rest_ids, rest_starts = self._offsets(text[cut:])
+        return ids + rest_ids, starts + [cut + s for s in rest_starts]
+
+    # -- stops
+    def stop_tokens(self, template: str) -> list[str]:
+        """The token(s) that end an assistant turn in `template`: first the added token the
+        template writes right after the content (<|im_end|>, <|eot_id|>, <end_of_turn>, or the
+        eos), then the tokenizer's eos if different. Found by rendering a probe conversation."""
+        return list(self._stop_info(template)[0])
+
+    def stop_token_ids(self, template: str) -> list[int]:
+        out: list[int] = []
+        for t in self.stop_tokens(template):
+            i = self.token_to_id(t)
+            if i is not None and i not in out:
+                out.append(i)
+        return out
+
+    def _stop_info(self, template: str) -> tuple[list[str], bool]:
+        """(stop tokens, whether the template itself writes an end-of-turn token)."""
+        if template not in self._stops:
+            self._stops[template] = _probe_stops(template, self)
+        return self._stops[template]
 
 
-def load_special_tokens(model_dir: str | Path) -> dict[str, str]:
-    """{"bos_token": ..., "eos_token": ..., ...} from tokenizer_config.json (template variables)."""
-    p = Path(model_dir) / "tokenizer_config.json"
-    if not p.is_file():
-        return {}
+def _special_tokens_from_config(model_dir: Path) -> dict[str, str]:
+    p = model_dir / "tokenizer_config.json"
     out: dict[str, str] = {}
-    for key, value in read_json(p).items():
-        if key in _SPECIAL_KEYS:
-            value = value.get("content") if isinstance(value, dict) else value
-            if isinstance(value, str) and value:
-                out[key] = value
+    if p.is_file():
+        for key, value in read_json(p).items():
+            if key in _SPECIAL_KEYS:
+                value = value.get("content") if isinstance(value, dict) else value
+                if isinstance(value, str) and value:
+                    out[key] = value
     return out
 
 
+def _continuation_tokenizer(tok: Tokenizer) -> Tokenizer:
+    """A copy of `tok` that adds nothing at the start of the input: no `Prepend("▁")`
+    normalizer (legacy Llama-2/Mistral files), Metaspace with prepend_scheme "never", ByteLevel
+    without add_prefix_space."""
+    spec = json.loads(tok.to_str())
+
+    def strip_prepend(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "Prepend":
+            return None
+        if node.get("type") == "Sequence":
+            key = "normalizers" if "normalizers" in node else "pretokenizers"
+            node[key] = [n for n in (strip_prepend(x) for x in node.get(key, [])) if n]
+        if node.get("type") == "Metaspace":
+            node["prepend_scheme"] = "never"
+            node.pop("add_prefix_space", None)
+        if node.get("type") == "ByteLevel":
+            node["add_prefix_space"] = False
+        return node
+
+    spec["normalizer"] = strip_prepend(spec.get("normalizer"))
+    spec["pre_tokenizer"] = strip_prepend(spec.get("pre_tokenizer"))
+    spec["post_processor"] = None
+    spec["padding"] = spec["truncation"] = None
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 @functools.lru_cache(maxsize=32)
-def _load(path: str) -> Tokenizer:
-    file = Path(path) / "tokenizer.json"
-    if not file.is_file():
-        raise ConfigError(f"{path}: no tokenizer.json; the base model needs a fast tokenizer file")
-    tok = Tokenizer.from_file(str(file))
-    _SPECIALS[id(tok)] = (tok, load_special_tokens(path))
-    return tok
+def _load(path: str) -> ChatTokenizer:
+    return ChatTokenizer.from_dir(path)
 
 
-def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """The base model's `tokenizers.Tokenizer` (cached per directory) with its special tokens."""
+def load_tokenizer(model_dir: str | Path) -> ChatTokenizer:
+    """The base model's ChatTokenizer (cached per directory)."""
     return _load(str(Path(model_dir).expanduser().resolve()))
-
-
-def special_tokens_of(tokenizer: Tokenizer) -> dict[str, str]:
-    """The special tokens recorded by `load_tokenizer` for this tokenizer ({} if unknown)."""
-    entry = _SPECIALS.get(id(tokenizer))
-    return dict(entry[1]) if entry and entry[0] is tokenizer else {}
-
-
-def added_tokens(tokenizer: Tokenizer) -> list[str]:
-    """Every added (special) token string; these encode to one id wherever they appear in text."""
-    return [t.content for _, t in sorted(tokenizer.get_added_tokens_decoder().items())]
-
-
-def encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    # add_special_tokens=False: templates write BOS/EOS themselves; added tokens written in the
-    # text (<|im_end|>) still map to their single ids.
-    return tokenizer.encode(text, add_special_tokens=False).ids if text else []
 
 
 # -- templates -----------------------------------------------------------------------------------
@@ -144,8 +278,14 @@ def template_label(template: str) -> str:
     return "sha256:" + hashlib.sha256(template.encode()).hexdigest()[:12]
 
 
+# While a render is tracked: [characters rendered so far, marked (start, end) spans].
+_TRACK: contextvars.ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = \
+    contextvars.ContextVar("loraplex_generation_track", default=None)
+
+
 class _GenerationTag(Extension):
-    """`{% generation %}...{% endgeneration %}` (HF assistant-mask markers): rendered as-is."""
+    """`{% generation %}...{% endgeneration %}` (HF assistant-mask markers): rendered as-is,
+    and, in a tracked render, the character span of each block is recorded."""
 
     tags = {"generation"}
 
@@ -155,7 +295,12 @@ class _GenerationTag(Extension):
         return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
     def _render(self, caller: Any) -> str:
-        return caller()
+        out = caller()
+        track = _TRACK.get()
+        if track is not None:
+            start = sum(len(b) for b in track[0])
+            track[1].append((start, start + len(out)))
+        return out
 
 
 def _raise_exception(message: str) -> None:
@@ -184,10 +329,24 @@ def _compile(template: str) -> jinja2.Template:
 
 
 def _render_text(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
-                 specials: dict[str, str]) -> str:
+                 specials: dict[str, Any], track: bool = False
+                 ) -> tuple[str, list[tuple[int, int]]]:
+    """(text, `{% generation %}` spans when `track`)."""
+    compiled = _compile(template)
+    kwargs = dict(specials, messages=messages, tools=None, documents=None,
+                  add_generation_prompt=add_generation_prompt)
     try:
-        return _compile(template).render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **specials)
+        if not track:
+            return compiled.render(**kwargs), []
+        blocks: list[str] = []
+        spans: list[tuple[int, int]] = []
+        token = _TRACK.set((blocks, spans))
+        try:
+            for block in compiled.generate(**kwargs):
+                blocks.append(block)
+        finally:
+            _TRACK.reset(token)
+        return "".join(blocks), spans
     except jinja2.TemplateError as exc:
         raise BadRequest(f"chat template {template_label(template)} rejected the messages: {exc}",
                          param="messages") from None
@@ -229,99 +388,150 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
 # -- rendering -----------------------------------------------------------------------------------
 
 @dataclass
-class Segment:
-    """One separately tokenized piece of a rendered conversation."""
-
-    # prefix | system | user | assistant_header | assistant | assistant_tail | generation_prompt
-    kind: str
-    message_index: int | None
-    text: str
-    token_ids: list[int] = field(default_factory=list)
-
-
-@dataclass
 class Rendered:
     text: str
     token_ids: list[int]
-    segments: list[Segment]
 
 
-def _not_prefix(template: str, what: str) -> BadRequest:
-    return BadRequest(f"chat template {template_label(template)} is not prefix-stable: {what}; "
-                      "loraplex renders conversations turn by turn and needs each rendered turn "
-                      "to extend the previous one", param="chat_template")
+@dataclass
+class TrainingRender:
+    text: str
+    token_ids: list[int]
+    labels: list[int]
+    spans: list[tuple[int, int]]  # labelled character spans of `text`, one per assistant turn
+    cuts: int = 0  # label-span starts where the boundary rule cut a merged token
 
 
-def _split_body(rest: str, stops: list[str]) -> tuple[str, str]:
-    """(content + end-of-turn token, what follows it) for an assistant turn after its header."""
-    if stops:
-        pos = rest.rfind(stops[0])
-        if pos >= 0:
-            end = pos + len(stops[0])
-            return rest[:end], rest[end:]
-    return rest, ""
-
-
-def render(template: str, messages: Any, tokenizer: Tokenizer, *,
-           add_generation_prompt: bool = True,
-           special_tokens: dict[str, str] | None = None) -> Rendered:
-    """Render `messages` with `template`; token ids built segment by segment (see module doc)."""
+def render(template: str, messages: Any, tok: ChatTokenizer, *,
+           add_generation_prompt: bool = True) -> Rendered:
+    """The prompt: the whole rendered text tokenized at once, as `apply_chat_template` does."""
     msgs = validate_messages(messages)
-    specials = special_tokens if special_tokens is not None else special_tokens_of(tokenizer)
-    stops = _stops(template, tokenizer, tuple(sorted(specials.items())))[0]
+    text, _ = _render_text(template, msgs, add_generation_prompt, tok.special_tokens)
+    if not text:
+        raise BadRequest(f"chat template {template_label(template)} renders these messages to "
+                         "an empty prompt; add a user message", param="messages")
+    return Rendered(text, tok.encode(text))
 
-    def text(k: int, agp: bool) -> str:
-        return _render_text(template, msgs[:k], agp, specials)
 
-    try:
-        prev = text(0, False)
-    except BadRequest:  # templates may refuse an empty conversation; nothing precedes turn 0
-        prev = ""
-    pieces: list[tuple[str, int | None, str]] = [("prefix", None, prev)]
-    for i, m in enumerate(msgs):
-        full = text(i + 1, False)
-        if not full.startswith(prev):
-            raise _not_prefix(template, f"messages[:{i + 1}] does not start with messages[:{i}]")
-        if m["role"] == "assistant":
-            gen = text(i, True)
-            if not gen.startswith(prev) or not full.startswith(gen):
-                raise _not_prefix(template, f"the generation prompt after messages[:{i}] is not "
-                                  f"how messages[{i}] (assistant) starts")
-            body, tail = _split_body(full[len(gen):], stops)
-            pieces += [("assistant_header", i, gen[len(prev):]), ("assistant", i, body),
-                       ("assistant_tail", i, tail)]
+def render_for_training(template: str, messages: Any, tok: ChatTokenizer,
+                        train_on_inputs: bool = False) -> TrainingRender:
+    """Token ids and labels of a whole conversation (see the module doc for spans and cuts);
+    with `train_on_inputs`, every token is labelled."""
+    msgs = validate_messages(messages)
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise BadRequest("a training conversation needs at least one assistant message",
+                         param="messages")
+    marked = bool(_GENERATION_TAG.search(template))
+    text, spans = _render_text(template, msgs, False, tok.special_tokens, track=marked)
+    if not marked:
+        if not tok._stop_info(template)[1]:
+            _warn_no_end_of_turn(template)
+        spans = _assistant_spans(template, msgs, text, tok)
+    ids, starts, cuts = _tokenize_at(tok, text, [s for s, e in spans if e > s])
+    if train_on_inputs:
+        labels = list(ids)
+    else:
+        labels = [i if any(s <= c < e for s, e in spans) else IGNORE_INDEX
+                  for i, c in zip(ids, starts)]
+    return TrainingRender(text, ids, labels, spans, cuts)
+
+
+def _tokenize_at(tok: ChatTokenizer, text: str, bounds: list[int]
+                 ) -> tuple[list[int], list[int], int]:
+    """(ids, start character of each id, cuts): the whole-text ids, unless the ids of the
+    tokens that start before a boundary differ from the ids of the text before it (a token
+    merged across it); then the text is cut at those boundaries (the boundary rule)."""
+    ids, starts = tok._offsets(text)
+    dirty = [b for b in bounds if 0 < b < len(text)
+             and ids[:bisect.bisect_left(starts, b)] != tok.encode(text[:b])]
+    if not dirty:
+        return ids, starts, 0
+    out_ids, out_starts = tok._offsets(text[:dirty[0]])
+    for a, b in zip(dirty, dirty[1:] + [len(text)]):
+        piece_ids, piece_starts = tok._continue(text[a:b])
+        out_ids += piece_ids
+        out_starts += [a + s for s in piece_starts]
+    return out_ids, out_starts, len(dirty)
+
+
+def _assistant_spans(template: str, msgs: list[dict[str, str]], text: str,
+                     tok: ChatTokenizer) -> list[tuple[int, int]]:
+    """(start, end) characters of each assistant turn's labels (see the module doc)."""
+    stops, found = tok._stop_info(template)
+    eot = stops[0] if found and stops else None
+    spans: list[tuple[int, int]] = []
+    prev_end = 0
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    for i, (cs, ce) in zip(turns, _content_spans(template, msgs, text, tok)):
+        try:
+            gen, _ = _render_text(template, msgs[:i], True, tok.special_tokens)
+        except BadRequest:  # e.g. a template that refuses a conversation ending in a user turn
+            gen = None
+        if gen is not None and text.startswith(gen) and prev_end <= len(gen) <= cs:
+            start = len(gen)
         else:
-            pieces.append((m["role"], i, full[len(prev):]))
-        prev = full
-    if add_generation_prompt:
-        gen = text(len(msgs), True)
-        if not gen.startswith(prev):
-            raise _not_prefix(template, "the generation prompt does not extend the conversation")
-        pieces.append(("generation_prompt", None, gen[len(prev):]))
-        prev = gen
+            # Not prefix-stable here: the content plus the whitespace the template put before it
+            # that a generation prompt would not have ended with (Mistral's " " + content).
+            before = text[:cs]
+            ws = len(before) - len(before.rstrip())
+            gws = len(gen) - len(gen.rstrip()) if gen else 0
+            start = max(prev_end, cs - max(0, ws - gws))
+        end = ce
+        if eot:
+            after = text[ce:]
+            gap = len(after) - len(after.lstrip())
+            if after[gap:].startswith(eot):
+                end = ce + gap + len(eot)
+        spans.append((start, end))
+        prev_end = end
+    return spans
 
-    segments = [Segment(kind, idx, t, encode(tokenizer, t)) for kind, idx, t in pieces if t]
-    ids = [i for s in segments for i in s.token_ids]
-    return Rendered(text=prev, token_ids=ids, segments=segments)
 
-
-def render_for_training(template: str, messages: Any, tokenizer: Tokenizer,
-                        train_on_inputs: bool = False,
-                        special_tokens: dict[str, str] | None = None,
-                        ) -> tuple[list[int], list[int]]:
-    """(token ids, labels): labels are the ids of every assistant body (content + end-of-turn
-    token) and IGNORE_INDEX elsewhere; with `train_on_inputs`, every token is labelled."""
-    specials = special_tokens if special_tokens is not None else special_tokens_of(tokenizer)
-    _, found = _stops(template, tokenizer, tuple(sorted(specials.items())))
-    if not found:
-        _warn_no_end_of_turn(template)
-    r = render(template, messages, tokenizer, add_generation_prompt=False,
-               special_tokens=specials)
-    labels: list[int] = []
-    for s in r.segments:
-        keep = train_on_inputs or s.kind == "assistant"
-        labels += s.token_ids if keep else [IGNORE_INDEX] * len(s.token_ids)
-    return r.token_ids, labels
+def _content_spans(template: str, msgs: list[dict[str, str]], text: str,
+                   tok: ChatTokenizer) -> list[tuple[int, int]]:
+    """Where each assistant message's content lands in `text`: render once more with each
+    content replaced by a unique marker, then read the text between the literal pieces."""
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    marks = [f"\ue000LPX{k}\ue001" for k in range(len(turns))]  # private-use: never real text
+    probe = [dict(m) for m in msgs]
+    for k, i in enumerate(turns):
+        probe[i]["content"] = marks[k]
+    try:
+        ptext, _ = _render_text(template, probe, False, tok.special_tokens)
+    except BadRequest:
+        ptext = ""
+    if ptext and all(ptext.count(mk) == 1 for mk in marks):
+        pieces = re.split("|".join(map(re.escape, marks)), ptext)
+        order = [ptext.index(mk) for mk in marks]
+        if order == sorted(order) and text.startswith(pieces[0]) and text.endswith(pieces[-1]):
+            spans, pos, ok = [], len(pieces[0]), True
+            for k in range(len(turns)):
+                if k == len(turns) - 1:
+                    end = len(text) - len(pieces[-1])
+                else:
+                    end = text.find(pieces[k + 1], pos) if pieces[k + 1] else -1
+                if end < pos:
+                    ok = False
+                    break
+                spans.append((pos, end))
+                pos = end + len(pieces[k + 1])
+            if ok:
+                return spans
+    # The template treats the marker differently from the content (it parses it): find the
+    # content itself, in order.
+    spans, pos = [], 0
+    for i in turns:
+        content = msgs[i]["content"]
+        needle = content if content and content in text[pos:] else content.strip()
+        at = text.find(needle, pos) if needle else -1
+        if at < 0:
+            raise BadRequest(f"chat template {template_label(template)} does not write "
+                             f"messages[{i}] (assistant) into the text as given, so the tokens "
+                             "to train on cannot be found; mark them with {% generation %}",
+                             param="chat_template")
+        spans.append((at, at + len(needle)))
+        pos = at + len(needle)
+    return spans
 
 
 @functools.lru_cache(maxsize=64)
@@ -334,53 +544,21 @@ def _warn_no_end_of_turn(template: str) -> None:
     log.warning(msg)
 
 
-_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "LORAPLEXPROBE"}]
+_PROBE_MARK = "\ue000LORAPLEXPROBE\ue001"
 
 
-@functools.lru_cache(maxsize=64)
-def _stops_cached(template: str, tok_id: int, specials: tuple[tuple[str, str], ...]
-                  ) -> tuple[list[str], bool]:
-    tokenizer = _TOKS[tok_id]
-    sp = dict(specials)
-    gen = _render_text(template, _PROBE[:1], True, sp)
-    full = _render_text(template, _PROBE, False, sp)
-    after = full[len(gen):] if full.startswith(gen) else full
-    pos = after.rfind("LORAPLEXPROBE")
-    after = after[pos + len("LORAPLEXPROBE"):] if pos >= 0 else ""
-    hits = [(after.find(t), t) for t in added_tokens(tokenizer) if t and t in after]
-    eos = sp.get("eos_token")
+def _probe_stops(template: str, tok: ChatTokenizer) -> tuple[list[str], bool]:
+    eos = tok.special_tokens.get("eos_token")
+    try:
+        full, _ = _render_text(template, [{"role": "user", "content": "Hi"},
+                                          {"role": "assistant", "content": _PROBE_MARK}],
+                               False, tok.special_tokens)
+    except BadRequest:
+        full = ""
+    pos = full.find(_PROBE_MARK)
+    after = full[pos + len(_PROBE_MARK):] if pos >= 0 else ""
+    hits = [(after.find(t), t) for t in tok.added_tokens if t.strip() and t in after]
     if hits:
         eot = min(hits)[1]
-        return ([eot] + ([eos] if eos and eos != eot else [])), True
+        return [eot] + ([eos] if eos and eos != eot else []), True
     return ([eos] if eos else []), False
-
-
-_TOKS: dict[int, Tokenizer] = {}
-
-
-def _stops(template: str, tokenizer: Tokenizer, specials: tuple[tuple[str, str], ...]
-           ) -> tuple[list[str], bool]:
-    """(stop tokens, whether the template itself emits an end-of-turn token)."""
-    _TOKS[id(tokenizer)] = tokenizer
-    stops, found = _stops_cached(template, id(tokenizer), specials)
-    return list(stops), found
-
-
-def stop_tokens(template: str, tokenizer: Tokenizer,
-                special_tokens: dict[str, str] | None = None) -> list[str]:
-    """The token(s) that end an assistant turn in this template, first the one the template
-    writes after the content (<|im_end|> for ChatML, the eos for Llama-2/Alpaca), then the
-    tokenizer's eos if different. Found by rendering a probe conversation."""
-    specials = special_tokens if special_tokens is not None else special_tokens_of(tokenizer)
-    return _stops(template, tokenizer, tuple(sorted(specials.items())))[0]
-
-
-def stop_token_ids(template: str, tokenizer: Tokenizer,
-                   special_tokens: dict[str, str] | None = None) -> list[int]:
-    """`stop_tokens` as single token ids (stop strings that are not one token are skipped)."""
-    out = []
-    for t in stop_tokens(template, tokenizer, special_tokens):
-        i = tokenizer.token_to_id(t)
-        if i is not None and i not in out:
-            out.append(i)
-    return out

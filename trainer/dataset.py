@@ -31,18 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraplex.adapters.chat import (
-    IGNORE_INDEX,
-    added_tokens,
-    render_for_training,
-    template_label,
-)
+from loraplex.adapters.chat import IGNORE_INDEX, render_for_training, template_label
 from loraplex.adapters.errors import BadRequest
 from loraplex.trainer.formats import Rejected, Row, data_files, read_rows
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
-
+    from loraplex.adapters.chat import ChatTokenizer
     from loraplex.trainer.config import TrainConfig
 
 MAX_LISTED = 50  # rejected rows printed on the console; all of them go to rejected.jsonl
@@ -54,6 +48,7 @@ class Example:
     messages: list[dict[str, str]]
     input_ids: list[int]
     labels: list[int]
+    cuts: int = 0  # label starts where the boundary rule cut a merged token (docs/rendering.md)
 
     @property
     def n_labels(self) -> int:
@@ -71,6 +66,7 @@ class DataReport:
     eval: int = 0
     train_tokens: int = 0
     label_tokens: int = 0
+    boundary_rows: int = 0  # training rows where the boundary rule applied
     files_sha256: dict[str, str] = field(default_factory=dict)
     data_sha256: str = ""
 
@@ -84,7 +80,8 @@ class DataReport:
             "formats": dict(self.formats), "kept": self.train + self.eval,
             "dropped": len(self.rejected), "dropped_by_reason": self.by_reason,
             "train": self.train, "eval": self.eval, "train_tokens": self.train_tokens,
-            "label_tokens": self.label_tokens, "files_sha256": self.files_sha256,
+            "label_tokens": self.label_tokens, "boundary_rows": self.boundary_rows,
+            "files_sha256": self.files_sha256,
             "data_sha256": self.data_sha256,
         }
 
@@ -94,6 +91,10 @@ class DataReport:
                  f"({', '.join(f'{k} {v}' for k, v in self.formats.items()) or 'none parsed'}); "
                  f"kept {self.train + self.eval} (train {self.train}, eval {self.eval}), "
                  f"dropped {len(self.rejected)} ({reasons})"]
+        if self.boundary_rows:
+            lines.append(f"  boundary rule applied in {self.boundary_rows} training row(s): a "
+                         "token merged across the prompt/answer boundary was cut so the prompt "
+                         "ids are the served ones (--inspect shows them; docs/rendering.md)")
         lines += [f"  dropped {r}" for r in self.rejected[:MAX_LISTED]]
         if len(self.rejected) > MAX_LISTED:
             lines.append(f"  ... and {len(self.rejected) - MAX_LISTED} more (all listed in "
@@ -124,9 +125,9 @@ def _dedup_key(msgs: list[dict[str, str]], mode: str) -> str:
     return hashlib.sha256(json.dumps(msgs, sort_keys=True).encode()).hexdigest()
 
 
-def _tokenize(rows: list[Row], cfg: TrainConfig, tokenizer: Tokenizer, template: str,
+def _tokenize(rows: list[Row], cfg: TrainConfig, tokenizer: ChatTokenizer, template: str,
               rejected: list[Rejected]) -> list[Example]:
-    specials = [t for t in added_tokens(tokenizer) if t]
+    specials = tokenizer.added_tokens
     out: list[Example] = []
     for row in rows:
         hit = next((t for m in row.messages for t in specials if t in m["content"]), None)
@@ -135,11 +136,12 @@ def _tokenize(rows: list[Row], cfg: TrainConfig, tokenizer: Tokenizer, template:
                                      f"token {hit!r}, which would break the turn structure"))
             continue
         try:
-            ids, labels = render_for_training(template, row.messages, tokenizer,
-                                              train_on_inputs=cfg.train_on_inputs)
+            r = render_for_training(template, row.messages, tokenizer,
+                                    train_on_inputs=cfg.train_on_inputs)
         except BadRequest as exc:
             rejected.append(Rejected(row.source, "template_error", exc.message))
             continue
+        ids = r.token_ids
         if len(ids) > cfg.max_seq_len:
             rejected.append(Rejected(row.source, "too_long", f"too long: {len(ids)} tokens after "
                                      f"rendering with {template_label(template)} > --max-seq-len "
@@ -153,7 +155,7 @@ def _tokenize(rows: list[Row], cfg: TrainConfig, tokenizer: Tokenizer, template:
             rejected.append(Rejected(row.source, "too_long_filter", f"filtered: {len(ids)} tokens "
                                      f"> --max-tokens {cfg.max_tokens}"))
             continue
-        out.append(Example(row.source, row.messages, ids, labels))
+        out.append(Example(row.source, row.messages, ids, r.labels, r.cuts))
     return out
 
 
@@ -173,7 +175,7 @@ def _dedup(examples: list[Example], mode: str, seen: dict[str, str],
     return kept
 
 
-def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer, template: str) -> PreparedData:
+def prepare_data(cfg: TrainConfig, tokenizer: ChatTokenizer, template: str) -> PreparedData:
     """Read, validate, curate, tokenize, split. BadRequest on --strict drops or no data left."""
     files = data_files(cfg.data)
     eval_files = data_files(cfg.eval_data) if cfg.eval_data else []
@@ -207,6 +209,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer, template: str) -> Prepa
     report.train, report.eval = len(train), len(held)
     report.train_tokens = sum(len(ex.input_ids) for ex in train)
     report.label_tokens = sum(ex.n_labels for ex in train)
+    report.boundary_rows = sum(1 for ex in train if ex.cuts)
     h = hashlib.sha256()
     for part, exs in (("train", train), ("eval", held)):
         h.update(part.encode())
@@ -231,7 +234,8 @@ def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer, template: str) -> Prepa
 
 def inspect_lines(ex: Example, decode: Any) -> list[str]:
     """Token-by-token view of one example: position, id, token text, label (or '-')."""
-    lines = [f"== {ex.source}  ({len(ex.input_ids)} tokens, {ex.n_labels} labelled)"]
+    cut = f", boundary rule applied at {ex.cuts} turn(s)" if ex.cuts else ""
+    lines = [f"== {ex.source}  ({len(ex.input_ids)} tokens, {ex.n_labels} labelled{cut})"]
     for pos, (tid, lab) in enumerate(zip(ex.input_ids, ex.labels)):
         mark = "-" if lab == IGNORE_INDEX else str(lab)
         token = json.dumps(decode([tid]), ensure_ascii=False)

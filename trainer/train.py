@@ -28,12 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.adapters.chat import (
+    ChatTokenizer,
     load_tokenizer,
     render,
     resolve_template,
-    special_tokens_of,
-    stop_token_ids,
-    stop_tokens,
     template_label,
 )
 from loraplex.adapters.errors import ConfigError
@@ -347,20 +345,20 @@ def _lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def pad_token_id(tokenizer: Any, default: int) -> int:
-    name = special_tokens_of(tokenizer).get("pad_token")
+def pad_token_id(tokenizer: ChatTokenizer, default: int) -> int:
+    name = tokenizer.special_tokens.get("pad_token")
     tid = tokenizer.token_to_id(name) if name else None
     return tid if tid is not None else default
 
 
 # -- generation eval -----------------------------------------------------------------------------
 
-def generate(model: Any, tokenizer: Any, template: str, prompts: list[list[dict[str, str]]],
+def generate(model: Any, tokenizer: ChatTokenizer, template: str, prompts: list[list[dict[str, str]]],
              max_new_tokens: int = 64, batch_size: int = 32) -> list[str]:
     """Greedy answers through the chat template (the server's rendering) with left padding."""
     import torch
 
-    stops = stop_token_ids(template, tokenizer)
+    stops = tokenizer.stop_token_ids(template)
     pad = pad_token_id(tokenizer, stops[0] if stops else 0)
     encoded = [render(template, p, tokenizer).token_ids for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -387,7 +385,7 @@ def generate(model: Any, tokenizer: Any, template: str, prompts: list[list[dict[
     return answers
 
 
-def exact_match(model: Any, tokenizer: Any, template: str, examples: list[Example],
+def exact_match(model: Any, tokenizer: ChatTokenizer, template: str, examples: list[Example],
                 max_new_tokens: int = 64) -> dict[str, Any]:
     """Share of examples whose greedy answer equals the last assistant turn (whitespace-trimmed)."""
     prompts = [ex.messages[:-1] for ex in examples]
@@ -432,16 +430,18 @@ def run(cfg: TrainConfig, *, callbacks: list[Callback] | None = None,
         output.preflight(cfg)
     tokenizer = load_tokenizer(base)
     template = resolve_template(cfg.chat_template, base)
-    stops = stop_tokens(template, tokenizer)
+    stops = tokenizer.stop_tokens(template)
     data = prepare_data(cfg, tokenizer, template)
     for line in data.report.summary():
         log(line)
     if cfg.inspect:
-        for ex in data.train[:cfg.inspect]:
-            for line in inspect_lines(ex, lambda ids: tokenizer.decode(ids,
-                                                                      skip_special_tokens=False)):
+        # The first N rows, then up to N of the rows the boundary rule changed.
+        shown = data.train[:cfg.inspect]
+        shown += [ex for ex in data.train[cfg.inspect:] if ex.cuts][:cfg.inspect]
+        for ex in shown:
+            for line in inspect_lines(ex, tokenizer.decode):
                 print(line)
-        return {"inspected": min(cfg.inspect, len(data.train)), "data": data.report.to_dict()}
+        return {"inspected": len(shown), "data": data.report.to_dict()}
 
     from loraplex.adapters.fingerprint import fingerprint_base
 

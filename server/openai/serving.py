@@ -39,28 +39,26 @@ class OpenAIServing:
         self.manager = manager
         self.metrics = metrics
         self.tokenizer = chat.load_tokenizer(settings.model)
-        self.specials = chat.load_special_tokens(settings.model)
         self.base_template = chat.resolve_template(None, settings.model)
         self.in_flight = 0
 
     # -- shared steps ---------------------------------------------------------------------
-    def _template(self, v: AdapterVersion | None) -> tuple[str, list[int]]:
+    def _template(self, v: AdapterVersion | None) -> tuple[str, list[str], list[int]]:
         template = (v.chat_template if v and v.chat_template else None) or self.base_template
-        stops = list(v.stop_tokens) if v and v.stop_tokens else chat.stop_tokens(
-            template, self.tokenizer, self.specials)
+        stops = (list(v.stop_tokens) if v and v.stop_tokens
+                 else self.tokenizer.stop_tokens(template))
         ids = [i for i in (self.tokenizer.token_to_id(t) for t in stops) if i is not None]
-        return template, ids
+        return template, stops, ids
 
     def _render(self, v: AdapterVersion | None, messages, add_generation_prompt=True):
-        template, stop_ids = self._template(v)
+        template, stops, stop_ids = self._template(v)
         try:
             rendered = chat.render(template, messages, self.tokenizer,
-                                   add_generation_prompt=add_generation_prompt,
-                                   special_tokens=self.specials)
+                                   add_generation_prompt=add_generation_prompt)
         except BadRequest as exc:
             exc.param = exc.param or "messages"
             raise
-        return rendered, stop_ids
+        return rendered, stops, stop_ids
 
     def _budget(self, n_prompt: int, max_new: int | None, param: str) -> int:
         room = self.engine.max_model_len - n_prompt
@@ -89,7 +87,7 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, raw: Request):
         self._admit()
         version, lora = await self._target(req.model, req.user)
-        rendered, stop_ids = self._render(version, req.messages)
+        rendered, _, stop_ids = self._render(version, req.messages)
         ids = rendered.token_ids
         sampling = self._sampling(req, self._budget(len(ids), req.max_new_tokens(), "max_tokens"))
         if not req.ignore_eos:
@@ -118,16 +116,16 @@ class OpenAIServing:
         return await self._respond(gen, req, version, raw, kind="text")
 
     def render(self, req: RenderRequest, version: AdapterVersion | None) -> dict:
-        rendered, stop_ids = self._render(version, req.messages, req.add_generation_prompt)
+        rendered, stops, stop_ids = self._render(version, req.messages,
+                                                 req.add_generation_prompt)
         return {
             "model": req.model,
             "adapter": version.ref if version else None,
             "chat_template_sha256": version.chat_template_sha256 if version else None,
             "prompt": rendered.text,
             "token_ids": rendered.token_ids,
+            "stop_tokens": stops,
             "stop_token_ids": stop_ids,
-            "segments": [{"kind": s.kind, "message": s.message_index, "text": s.text,
-                          "token_ids": s.token_ids} for s in rendered.segments],
         }
 
     # -- helpers --------------------------------------------------------------------------
@@ -135,10 +133,11 @@ class OpenAIServing:
         """A prompt as text, token ids, or a list of either -> token id lists (checked)."""
         if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
             prompt = [prompt]
-        out = [self.tokenizer.encode(p).ids if isinstance(p, str) else list(p) for p in prompt]
+        out = [self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p)
+               for p in prompt]
         if not out or any(not p for p in out):
             raise BadRequest("prompt is empty", param="prompt")
-        vocab = self.tokenizer.get_vocab_size()
+        vocab = self.tokenizer.vocab_size
         for p in out:
             if any(not 0 <= t < vocab for t in p):
                 raise BadRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")

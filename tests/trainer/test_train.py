@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.adapters.chat import IGNORE_INDEX, load_tokenizer, render, stop_token_ids
+from loraplex.adapters.chat import IGNORE_INDEX, load_tokenizer, render
 from loraplex.adapters.cli import main
 from loraplex.trainer.train import Callback, run
 
@@ -97,7 +97,7 @@ def test_parity_trainer_prompt_ids_equal_server_ids(quick_cfg, toy_model_dir, wr
             assert ex.input_ids[:prompt_len] == served.token_ids
             assert ex.labels[prompt_len - 1] == IGNORE_INDEX and ex.labels[prompt_len] != IGNORE_INDEX
         stop_ids = [tok.token_to_id(s) for s in summary.stop_tokens]
-        assert stop_ids == stop_token_ids(summary.chat_template, tok)
+        assert stop_ids == tok.stop_token_ids(summary.chat_template)
         labelled_ends = [ex.input_ids[i] for i in range(len(ex.labels) - 1)
                          if ex.labels[i] != IGNORE_INDEX and ex.labels[i + 1] == IGNORE_INDEX]
         assert labelled_ends and all(t in stop_ids for t in labelled_ends)
