@@ -422,10 +422,9 @@ def load_model(base: Path, cfg: TrainConfig) -> Any:
 def run(cfg: TrainConfig, *, callbacks: list[Callback] | None = None,
         log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Validate, (inspect or) train, write the adapter atomically, register. Returns the report."""
-    base = cfg.base.expanduser().resolve()
-    if not (base / "config.json").is_file():
-        raise ConfigError(f"base model directory {str(cfg.base)!r} has no config.json; pass a "
-                          "Hugging Face model directory", param="base")
+    from loraplex.adapters.models import resolve_model
+
+    base = resolve_model(cfg.base)  # a directory, or a hub id from the HF cache
     if not cfg.inspect:
         output.preflight(cfg)
     tokenizer = load_tokenizer(base)
