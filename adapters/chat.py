@@ -42,7 +42,7 @@ import json
 import logging
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -400,6 +400,9 @@ class TrainingRender:
     labels: list[int]
     spans: list[tuple[int, int]]  # labelled character spans of `text`, one per assistant turn
     cuts: int = 0  # label-span starts where the boundary rule cut a merged token
+    # Messages whose content the template did not write (Mistral v0.3 drops the system prompt
+    # of a conversation that ends with an assistant turn): the model never sees them.
+    dropped: list[int] = field(default_factory=list)
 
 
 def render(template: str, messages: Any, tok: ChatTokenizer, *,
@@ -433,7 +436,9 @@ def render_for_training(template: str, messages: Any, tok: ChatTokenizer,
     else:
         labels = [i if any(s <= c < e for s, e in spans) else IGNORE_INDEX
                   for i, c in zip(ids, starts)]
-    return TrainingRender(text, ids, labels, spans, cuts)
+    dropped = [i for i, m in enumerate(msgs) if m["content"].strip()
+               and m["content"].strip() not in text]
+    return TrainingRender(text, ids, labels, spans, cuts, dropped)
 
 
 def _tokenize_at(tok: ChatTokenizer, text: str, bounds: list[int]

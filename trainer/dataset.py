@@ -49,6 +49,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     cuts: int = 0  # label starts where the boundary rule cut a merged token (docs/rendering.md)
+    dropped: int = 0  # messages the template did not write into the text
 
     @property
     def n_labels(self) -> int:
@@ -67,6 +68,7 @@ class DataReport:
     train_tokens: int = 0
     label_tokens: int = 0
     boundary_rows: int = 0  # training rows where the boundary rule applied
+    dropped_message_rows: int = 0  # rows where the template did not write every message
     files_sha256: dict[str, str] = field(default_factory=dict)
     data_sha256: str = ""
 
@@ -81,6 +83,7 @@ class DataReport:
             "dropped": len(self.rejected), "dropped_by_reason": self.by_reason,
             "train": self.train, "eval": self.eval, "train_tokens": self.train_tokens,
             "label_tokens": self.label_tokens, "boundary_rows": self.boundary_rows,
+            "dropped_message_rows": self.dropped_message_rows,
             "files_sha256": self.files_sha256,
             "data_sha256": self.data_sha256,
         }
@@ -95,6 +98,11 @@ class DataReport:
             lines.append(f"  boundary rule applied in {self.boundary_rows} training row(s): a "
                          "token merged across the prompt/answer boundary was cut so the prompt "
                          "ids are the served ones (--inspect shows them; docs/rendering.md)")
+        if self.dropped_message_rows:
+            lines.append(f"  warning: in {self.dropped_message_rows} training row(s) the chat "
+                         "template did not write every message (e.g. Mistral v0.3 drops the "
+                         "system prompt when a conversation ends with an assistant turn): the "
+                         "model is not trained with them")
         lines += [f"  dropped {r}" for r in self.rejected[:MAX_LISTED]]
         if len(self.rejected) > MAX_LISTED:
             lines.append(f"  ... and {len(self.rejected) - MAX_LISTED} more (all listed in "
@@ -155,7 +163,7 @@ def _tokenize(rows: list[Row], cfg: TrainConfig, tokenizer: ChatTokenizer, templ
             rejected.append(Rejected(row.source, "too_long_filter", f"filtered: {len(ids)} tokens "
                                      f"> --max-tokens {cfg.max_tokens}"))
             continue
-        out.append(Example(row.source, row.messages, ids, r.labels, r.cuts))
+        out.append(Example(row.source, row.messages, ids, r.labels, r.cuts, len(r.dropped)))
     return out
 
 
@@ -210,6 +218,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: ChatTokenizer, template: str) -> P
     report.train_tokens = sum(len(ex.input_ids) for ex in train)
     report.label_tokens = sum(ex.n_labels for ex in train)
     report.boundary_rows = sum(1 for ex in train if ex.cuts)
+    report.dropped_message_rows = sum(1 for ex in train if ex.dropped)
     h = hashlib.sha256()
     for part, exs in (("train", train), ("eval", held)):
         h.update(part.encode())

@@ -185,6 +185,7 @@ def test_templates_that_are_not_prefix_stable_are_rendered(toy_tok):
              "{% endfor %}")
     t = render_for_training(folds, CONV, toy_tok)
     assert labelled_text(toy_tok, t.token_ids, t.labels) == " c a t<|im_end|> d o g<|im_end|>"
+    assert t.dropped == [0]  # like Mistral v0.3: no system prompt when an assistant turn ends
     assert render(folds, CONV[:4], toy_tok).text.endswith("[U]Be brief. Spell dog.[/U]")
     eot_only_at_end = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>"
                        "\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"

@@ -166,3 +166,22 @@ def test_packing_has_no_cross_example_attention(toy_model_dir, write_jsonl, toy_
         torch.testing.assert_close(pad_logits[row, :n], alone, atol=1e-4, rtol=1e-4)
         assert labels[0, start] == IGNORE_INDEX  # no loss across the boundary
         start += n
+
+
+def test_boundary_rule_and_dropped_messages_are_reported(write_jsonl, toy_tok, tmp_path):
+    """A template whose generation prompt ends with a space (the merge the boundary rule cuts)
+    and that drops the system prompt of a conversation ending in an assistant turn."""
+    tpl = ("{% for m in messages %}{% if m.role == 'user' %}User: {{ m.content }}\n"
+           "{% elif m.role == 'assistant' %}Assistant: {{ m.content }}<|im_end|>\n{% endif %}"
+           "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
+    f = write_jsonl("d.jsonl", [qa("Hi?", "The cat.", system="Be brief."),
+                                qa("Name one.", "The owl.")])
+    data = prepare_data(cfg_for([f]), toy_tok, tpl)
+    assert data.report.boundary_rows == 2 and data.report.dropped_message_rows == 1
+    assert [ex.dropped for ex in data.train] == [1, 0]
+    summary = "\n".join(data.report.summary())
+    assert "boundary rule applied in 2 training row(s)" in summary
+    assert "did not write every message" in summary
+    lines = inspect_lines(data.train[0], toy_tok.decode)
+    assert "boundary rule applied at 1 turn(s)" in lines[0]
+    assert lines[-1] == '   trained text: "The cat.<|im_end|>"'
