@@ -20,12 +20,19 @@ def register_toy_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _toy_model(args: argparse.Namespace) -> int:
+    import json
     from dataclasses import replace
 
-    from loraplex.trainer.toy import ToySpec, build_toy_model
+    from loraplex.trainer.toy import ToySpec, build_toy_model, spec_digest
 
     spec = ToySpec(seed=args.seed)
     if args.steps is not None:
         spec = replace(spec, pretrain_steps=args.steps)
+    # The build is deterministic: a directory that already holds this very spec's model is kept
+    # (a rerun of a script or the README's commands costs nothing).
+    marker = args.out_dir / "loraplex_toy.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("digest") == spec_digest(spec):
+        print(f"toy model in {args.out_dir} is already built from this spec; kept")
+        return 0
     build_toy_model(args.out_dir, spec)
     return 0
