@@ -1,6 +1,7 @@
 """`loraplex adapters ...`: the registry on the command line.
 
     loraplex adapters base add tiny ./models/tiny
+    loraplex adapters base add llama31-8b meta-llama/Llama-3.1-8B-Instruct   # from the HF cache
     loraplex adapters push ./out --name support-bot --alias canary --tag team=support
     loraplex adapters list
     loraplex adapters show support-bot:canary
@@ -81,9 +82,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     base = verbs.add_parser("base", help="register or list base models")
     bverbs = base.add_subparsers(dest="base_verb", metavar="ACTION", required=True)
-    v = bverbs.add_parser("add", parents=[common], help="register a base model directory")
+    v = bverbs.add_parser("add", parents=[common], help="register a base model (directory or hub id)")
     v.add_argument("name")
-    v.add_argument("dir")
+    v.add_argument("dir", metavar="MODEL", help="model directory, or hub id org/name[@revision] "
+                   "resolved from the HF cache (HF_HOME; downloaded unless HF_HUB_OFFLINE=1)")
     v.set_defaults(func=cmd_base_add)
     v = bverbs.add_parser("list", parents=[common], help="list base models")
     v.set_defaults(func=cmd_base_list)
@@ -262,8 +264,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_base_add(args: argparse.Namespace) -> int:
+    from loraplex.adapters.models import resolve_model
+
+    model = resolve_model(args.dir)  # a hub id: the snapshot's files are fingerprinted
     with _open(args) as reg:
-        b = reg.register_base(args.name, args.dir)
+        b = reg.register_base(args.name, model)
     if args.json:
         _print_json(b.model_dump(mode="json"))
     else:

@@ -10,32 +10,102 @@ It also carries `apply_vllm_fixes`, registered as a vLLM general plugin (pyproje
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from typing import Any
 
+from loraplex.adapters.errors import ConfigError
 from loraplex.server.interface import Chunk, CompletionDelta, GenRequest, LoraRef, TokenLogprob
+from loraplex.server.settings import ENGINE_FIELDS, ServerSettings
 
 log = logging.getLogger("loraplex.engine")
 
 
-@dataclass
-class EngineConfig:
-    """The engine's share of the server settings (see loraplex.server.settings)."""
+# Set by loraplex itself: serving adapters and vLLM's own vllm:* metrics depend on them.
+_FIXED = {"enable_lora": True, "disable_log_stats": False}
+# EngineArgs a user may not set through engine_args, and what to use instead.
+_RESERVED = {
+    "model": "--model / LORAPLEX_MODEL",
+    "served_model_name": "--served-model-name / LORAPLEX_SERVED_MODEL_NAME",
+    "revision": "--revision / LORAPLEX_REVISION (or --model org/name@REVISION)",
+    "enable_lora": "nothing: loraplex always enables LoRA",
+    "disable_log_stats": "nothing: loraplex keeps vLLM's stats for /metrics",
+}
 
-    model: str
-    served_model_name: str
-    max_model_len: int = 2048
-    max_loras: int = 4
-    max_lora_rank: int = 16
-    max_cpu_loras: int = 16
-    max_num_seqs: int = 64
-    dtype: str = "auto"
-    gpu_memory_utilization: float = 0.9
-    cpu_kvcache_space_gib: int | None = None
-    enforce_eager: bool = False
-    seed: int = 0
+
+def _engine_args_class():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs
+
+
+def engine_arg_names() -> frozenset[str]:
+    """The fields of vLLM's AsyncEngineArgs (EngineArgs plus the async server's own)."""
+    return frozenset(f.name for f in dataclasses.fields(_engine_args_class()))
+
+
+def check_engine_args(extra: dict[str, Any], names: frozenset[str] | None = None) -> None:
+    """ConfigError naming every `engine_args` key vLLM's EngineArgs has no field for (with close
+    matches), or that a typed loraplex setting or loraplex itself owns."""
+    names = engine_arg_names() if names is None else names
+    problems = []
+    for key in extra:
+        if key in ENGINE_FIELDS:
+            problems.append(f"{key!r} is a loraplex setting: use {_flag(key)}")
+        elif key in _RESERVED:
+            problems.append(f"{key!r} is set by loraplex: use {_RESERVED[key]}")
+        elif key not in names:
+            close = difflib.get_close_matches(key, sorted(names | set(ENGINE_FIELDS)), n=3, cutoff=0.6)
+            said = [f"{c!r} ({_flag(c)})" if c in ENGINE_FIELDS else repr(c) for c in close]
+            hint = f"; did you mean {' or '.join(said)}?" if close else (
+                "; `vllm serve --help` lists the engine arguments (as --dashed-names)")
+            problems.append(f"{key!r} is not a field of vLLM {_vllm_version()}'s EngineArgs{hint}")
+    if problems:
+        raise ConfigError("--engine-arg / LORAPLEX_ENGINE_ARGS:" + (
+            " " + problems[0] if len(problems) == 1 else "".join(f"\n  - {p}" for p in problems)),
+            param="engine_args")
+
+
+def _flag(field: str) -> str:
+    return f"--{field.replace('_', '-')} / LORAPLEX_{field.upper()}"
+
+
+def _vllm_version() -> str:
+    try:
+        from vllm import __version__
+
+        return str(__version__)
+    except ImportError:  # pragma: no cover
+        return "?"
+
+
+def engine_kwargs(settings: ServerSettings) -> dict[str, Any]:
+    """The keyword arguments of vLLM's AsyncEngineArgs for these settings: the ENGINE_FIELDS
+    that are set (None keeps vLLM's default), loraplex's fixed ones, then `engine_args`.
+    `settings.model` must already be a local directory (see loraplex.adapters.models)."""
+    kwargs: dict[str, Any] = {"model": str(settings.model), "served_model_name": [settings.served_model_name]}
+    for field in ENGINE_FIELDS:
+        value = getattr(settings, field)
+        if value is not None:
+            kwargs[field] = value
+    kwargs.update(_FIXED)
+    kwargs.update(settings.engine_args)
+    return kwargs
+
+
+def build_engine_args(settings: ServerSettings):
+    """vLLM's AsyncEngineArgs for these settings, `engine_args` keys checked against its fields.
+
+    Pure: nothing is loaded and no engine starts. Raises ConfigError for a bad key."""
+    cls = _engine_args_class()
+    check_engine_args(settings.engine_args, frozenset(f.name for f in dataclasses.fields(cls)))
+    try:
+        return cls(**engine_kwargs(settings))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"vLLM rejected the engine arguments: {exc}", param="engine_args") from None
 
 
 def _skip_rows_without_lora(op, zero: str):
@@ -97,37 +167,21 @@ def apply_vllm_fixes() -> None:
 class VllmEngine:
     """`Engine` over vLLM's AsyncLLM."""
 
-    def __init__(self, config: EngineConfig):
-        self.config = config
-        self.max_model_len = config.max_model_len
+    def __init__(self, settings: ServerSettings):
+        # Built (and checked) here, so a bad engine argument fails before the server starts.
+        self.args = build_engine_args(settings)
+        self.cpu_kvcache_space_gib = settings.cpu_kvcache_space_gib
+        self.max_model_len = settings.max_model_len or 0  # the engine's own value once started
         self._llm = None
 
     async def start(self) -> None:
-        if self.config.cpu_kvcache_space_gib is not None:
+        if self.cpu_kvcache_space_gib is not None:
             # vLLM reads this from the environment at engine start on CPU.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.cpu_kvcache_space_gib)
-        from vllm.engine.arg_utils import AsyncEngineArgs
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kvcache_space_gib)
         from vllm.v1.engine.async_llm import AsyncLLM
 
         apply_vllm_fixes()
-        c = self.config
-        args = AsyncEngineArgs(
-            model=c.model,
-            served_model_name=[c.served_model_name],
-            max_model_len=c.max_model_len,
-            enable_lora=True,
-            max_loras=c.max_loras,
-            max_lora_rank=c.max_lora_rank,
-            max_cpu_loras=c.max_cpu_loras,
-            max_num_seqs=c.max_num_seqs,
-            enable_prefix_caching=True,
-            dtype=c.dtype,
-            gpu_memory_utilization=c.gpu_memory_utilization,
-            enforce_eager=c.enforce_eager,
-            seed=c.seed,
-            disable_log_stats=False,  # keeps vLLM's own vllm:* Prometheus series
-        )
-        self._llm = AsyncLLM.from_engine_args(args)
+        self._llm = AsyncLLM.from_engine_args(self.args)
         self.max_model_len = self._llm.model_config.max_model_len
 
     async def stop(self) -> None:

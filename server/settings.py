@@ -4,12 +4,20 @@ Every field is an env var `LORAPLEX_<FIELD>` and a `loraplex serve --<field>` fl
 It extends the registry settings, so the server finds the same SQL store and artifact store as
 the `loraplex adapters` command and the trainer. The Helm chart's env list is checked against
 these fields by the deploy tests.
+
+The engine fields (`ENGINE_FIELDS`) go to vLLM's `EngineArgs` under the same name; `None`
+leaves vLLM's own default, which it mostly derives from the model (e.g. `max_model_len` from the
+model config). Any other `EngineArgs` field is set through `engine_args` (`--engine-arg
+KEY=VALUE`, or `LORAPLEX_ENGINE_ARGS` as a JSON object), checked against vLLM's EngineArgs at
+start by `loraplex.server.engine.build_engine_args`, the one place that turns these settings
+into vLLM's arguments.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -21,7 +29,11 @@ class ServerSettings(RegistrySettings):
     model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
 
     # -- what is served --
-    model: Path = Field(default=Path("toy-model"), description="Base model directory (HF format).")
+    model: str | Path = Field(
+        default="toy-model",
+        description="Base model: a directory (HF format) or a hub id org/name[@revision], resolved "
+        "from the HF cache (HF_HOME; downloaded unless HF_HUB_OFFLINE=1).",
+    )
     served_model_name: str = Field(default="base", description="The name clients use for the base.")
     base_name: str | None = Field(
         default=None, description="Registered base this server serves; default: served_model_name."
@@ -33,8 +45,8 @@ class ServerSettings(RegistrySettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="Comma-separated keys.")
     admin_key: SecretStr | None = Field(default=None, description="Key for /admin routes.")
 
-    # -- engine (vLLM) --
-    max_model_len: int = Field(default=2048, ge=16)
+    # -- engine (vLLM): the fields in ENGINE_FIELDS; None = vLLM's default (from the model) --
+    max_model_len: int | None = Field(default=None, ge=16, description="Context length; default: the model's.")
     max_loras: int = Field(default=4, ge=1, description="Adapters on the accelerator at once.")
     max_lora_rank: int = Field(default=16, ge=1)
     max_cpu_loras: int = Field(default=16, ge=1, description="Adapters kept in host memory.")
@@ -44,6 +56,26 @@ class ServerSettings(RegistrySettings):
     cpu_kvcache_space_gib: int | None = Field(default=None, ge=1, description="KV cache GiB on CPU.")
     enforce_eager: bool = False
     seed: int = 0
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per pipeline stage (tensor parallelism).")
+    pipeline_parallel_size: int = Field(default=1, ge=1, description="Pipeline stages (GPUs = TP x PP).")
+    quantization: str | None = Field(
+        default=None, description="Weight quantization method (fp8, awq, gptq, ...); default: the model's config."
+    )
+    kv_cache_dtype: str | None = Field(default=None, description="KV cache dtype (auto, fp8, ...); default auto.")
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, description="Tokens per engine step.")
+    enable_chunked_prefill: bool | None = Field(default=None, description="Default: vLLM's choice.")
+    enable_prefix_caching: bool = True
+    distributed_executor_backend: str | None = Field(
+        default=None, description="mp, ray, uni or external_launcher; default: vLLM's choice."
+    )
+    trust_remote_code: bool = Field(default=False, description="Run the model repository's own code.")
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) of a hub id --model."
+    )
+    engine_args: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict,
+        description="Any other vLLM EngineArgs field: a JSON object; flag --engine-arg KEY=VALUE (repeatable).",
+    )
 
     # -- adapters --
     poll_interval_s: float = Field(default=2.0, gt=0, description="Registry change polling.")
@@ -63,6 +95,25 @@ class ServerSettings(RegistrySettings):
             return [x.strip() for x in v.split(",") if x.strip()]
         return v
 
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def _json_object(cls, v):
+        # The env var holds a JSON object ("" or null: none).
+        if v is None:
+            return {}
+        if isinstance(v, str):
+            if not v.strip():
+                return {}
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f'not JSON ({exc}); give an object such as {{"block_size": 32}}') from None
+            if v is None:
+                return {}
+            if not isinstance(v, dict):
+                raise ValueError('give a JSON object of EngineArgs fields, such as {"block_size": 32}')
+        return v
+
     @property
     def base(self) -> str:
         return self.base_name or self.served_model_name
@@ -70,3 +121,14 @@ class ServerSettings(RegistrySettings):
     @property
     def cache_dir(self) -> Path:
         return (self.adapter_cache_dir or self.home_dir / "cache").expanduser()
+
+
+# ServerSettings fields that are vLLM EngineArgs fields of the same name (and meaning). `revision`
+# is not among them: it picks the hub snapshot `--model` resolves to, and vLLM gets that directory.
+ENGINE_FIELDS = (
+    "max_model_len", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_seqs", "dtype",
+    "gpu_memory_utilization", "enforce_eager", "seed", "tensor_parallel_size",
+    "pipeline_parallel_size", "quantization", "kv_cache_dtype", "max_num_batched_tokens",
+    "enable_chunked_prefill", "enable_prefix_caching", "distributed_executor_backend",
+    "trust_remote_code",
+)

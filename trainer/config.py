@@ -29,7 +29,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     # -- model and data
-    base: Path = Field(description="base model directory (Hugging Face format)")
+    # A Path holds a hub id unchanged ("org/name@rev"); loraplex.adapters.models.resolve_model
+    # turns either form into the model directory.
+    base: Path = Field(description="base model: a directory (Hugging Face format) or a hub id "
+                       "org/name[@revision] from the HF cache (HF_HOME)")
     data: list[str] = Field(min_length=1, description="training data files or directories of "
                             "shards (*.jsonl, *.json): Alpaca, ShareGPT or OpenAI messages")
     output: Path | None = Field(None, description="adapter directory to write (required unless "

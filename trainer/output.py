@@ -201,6 +201,16 @@ def _slug(name: str) -> str:
     return (s or "base")[:64]
 
 
+def _base_name(cfg: TrainConfig, base: Path) -> str:
+    """A new base's registry name: the directory's name, or a hub id's model name (its snapshot
+    directory is named by a commit hash)."""
+    from loraplex.adapters.models import parse_hub_id
+
+    given = str(cfg.base)
+    hub = None if Path(given).expanduser().is_dir() else parse_hub_id(given)
+    return _slug(hub[0].split("/")[-1] if hub else base.name)
+
+
 def register(cfg: TrainConfig, adapter_dir: Path, base: Path) -> PushResult:
     """Push the adapter as the next version of cfg.register (registering its base if needed)."""
     from loraplex.adapters.fingerprint import fingerprint_base
@@ -212,7 +222,7 @@ def register(cfg: TrainConfig, adapter_dir: Path, base: Path) -> PushResult:
         if name is None:
             name = next((b.name for b in reg.list_bases() if b.fingerprint == fp), None)
         if name is None or cfg.registry_base is not None:
-            name = reg.register_base(name or _slug(base.name), base).name
+            name = reg.register_base(name or _base_name(cfg, base), base).name
         training = {"hyperparameters": manifest["hyperparameters"],
                     "data": {k: manifest["data"][k] for k in
                              ("data_sha256", "train", "eval", "dropped", "files")},

@@ -157,6 +157,8 @@ EXPECTED = {  # scenario -> (kinds it must add to the default set, component tha
     "keda": ({"ScaledObject", "ServiceMonitor"}, "server"),
     "observability": ({"ServiceMonitor", "NetworkPolicy"}, "server"),
     "trainer": ({"Job"}, "trainer"),
+    "gpu-8b": (set(), "server"),  # deploy/README.md's one-GPU example
+    "gpu-70b-tp4": (set(), "server"),  # and its tensor-parallel example
 }
 OPTIONAL_KINDS = {"HorizontalPodAutoscaler", "ScaledObject", "ServiceMonitor", "NetworkPolicy"}
 
@@ -287,9 +289,19 @@ def test_server_pod_probes_draining_shm_and_accelerators(rendered, scenario):
 
     limits = c["resources"]["limits"]
     if values["gpu"]["enabled"]:
-        assert limits[values["gpu"]["resourceName"]] == values["gpu"]["count"]
+        assert limits[values["gpu"]["resourceName"]] == gpus_needed(values)
+        assert "nvidia.com/gpu" not in c["resources"].get("requests", {}) or (
+            c["resources"]["requests"]["nvidia.com/gpu"] == limits["nvidia.com/gpu"])
     else:
         assert not [k for k in limits if "gpu" in k]
+
+
+def gpus_needed(values: dict) -> int:
+    """GPUs the engine of these values uses: TP x PP x data_parallel_size (or gpu.count)."""
+    s = values["settings"]
+    need = (s.get("tensor_parallel_size") or 1) * (s.get("pipeline_parallel_size") or 1) * (
+        (s.get("engine_args") or {}).get("data_parallel_size") or 1)
+    return values["gpu"].get("count") or need
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -357,7 +369,12 @@ SET_ALL = {
     "gpu_memory_utilization": 0.85, "cpu_kvcache_space_gib": 12, "enforce_eager": True,
     "seed": 7, "poll_interval_s": 0.5, "adapter_cache_dir": "/srv/lp/adapters",
     "adapter_cache_bytes": 3 << 40, "preload": ["bot:prod", "sql@3"], "max_queue": 512,
-    "drain_timeout_s": 45.5,
+    "drain_timeout_s": 45.5, "tensor_parallel_size": 2, "pipeline_parallel_size": 2,
+    "quantization": "fp8", "kv_cache_dtype": "fp8_e4m3", "max_num_batched_tokens": 16384,
+    "enable_chunked_prefill": False, "enable_prefix_caching": False,
+    "distributed_executor_backend": "mp", "trust_remote_code": True, "revision": "v1.2",
+    "engine_args": {"block_size": 32, "hf_overrides": {"rope_theta": 500000.5},
+                    "async_scheduling": True, "tokenizer_mode": "slow"},
 }
 
 
@@ -389,6 +406,7 @@ def test_every_server_setting_is_settable_and_parses_back(render, monkeypatch):
     # the derived pod fields follow the settings
     spec, c = pod_spec(server(objs)), server_container(objs)
     assert c["ports"][0]["containerPort"] == 8081
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 4  # TP 2 x PP 2
     assert spec["terminationGracePeriodSeconds"] == 10 + 46 + 15
     # and a field moved to a Secret leaves the ConfigMap
     (cm,) = find(objs, "ConfigMap")
@@ -410,9 +428,119 @@ def test_settings_field_types_match_the_schema():
             ann = next(a for a in args if a is not type(None))
         if typing.get_origin(ann) is typing.Annotated:
             ann = typing.get_args(ann)[0]
-        want = "array" if typing.get_origin(ann) is list else jtype[ann]
+        origin = typing.get_origin(ann)
+        want = "array" if origin is list else "object" if origin is dict else jtype[ann]
         got = sprops[f]["type"]
         assert want in (got if isinstance(got, list) else [got]), f
+
+
+# -- engine options: parallelism, quantization, free-form engine args ------------------------
+
+def test_tensor_parallel_values_request_the_gpus_and_pass_engine_args(render, monkeypatch):
+    from loraplex.server.engine import engine_kwargs
+
+    objs = render({"settings": {"tensor_parallel_size": 4, "quantization": "fp8",
+                                "kv_cache_dtype": "fp8", "distributed_executor_backend": "mp",
+                                "engine_args": {"fully_sharded_loras": True, "block_size": 32,
+                                                "hf_overrides": {"rope_theta": 1e6}}}})
+    c = server_container(objs)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
+    env = effective_env(objs, c)
+    assert json.loads(env["LORAPLEX_ENGINE_ARGS"]) == {
+        "fully_sharded_loras": True, "block_size": 32, "hf_overrides": {"rope_theta": 1000000}}
+    assert env["LORAPLEX_TENSOR_PARALLEL_SIZE"] == "4"
+    # and the server reads them back into the engine arguments it would build
+    for k in [k for k in os.environ if k.startswith("LORAPLEX_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    kw = engine_kwargs(ServerSettings())
+    assert (kw["tensor_parallel_size"], kw["quantization"], kw["kv_cache_dtype"]) == (4, "fp8", "fp8")
+    assert kw["distributed_executor_backend"] == "mp" and kw["fully_sharded_loras"] is True
+    assert kw["block_size"] == 32 and kw["hf_overrides"] == {"rope_theta": 1000000}
+    # unset: no LORAPLEX_ENGINE_ARGS at all, one GPU
+    default = render({})
+    assert "LORAPLEX_ENGINE_ARGS" not in effective_env(default, server_container(default))
+    assert server_container(default)["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_gpu_count_follows_tp_pp_and_data_parallel(render):
+    def gpus(values: dict) -> int:
+        return server_container(render(values))["resources"]["limits"]["nvidia.com/gpu"]
+
+    assert gpus({"settings": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}}) == 4
+    assert gpus({"settings": {"tensor_parallel_size": 2,
+                              "engine_args": {"data_parallel_size": 2}}}) == 4
+    assert gpus({"settings": {"tensor_parallel_size": 2}, "gpu": {"count": 3}}) == 3  # larger: ok
+    with pytest.raises(helm.HelmError, match="less than the 4 GPUs"):
+        render({"settings": {"tensor_parallel_size": 4}, "gpu": {"count": 2}})
+    cpu = render({"settings": {"tensor_parallel_size": 2}, "gpu": {"enabled": False}})
+    assert not [k for k in server_container(cpu)["resources"]["limits"] if "gpu" in k]
+
+
+def test_engine_args_schema_refuses_what_a_typed_setting_or_loraplex_owns(render):
+    from loraplex.server.engine import _RESERVED
+    from loraplex.server.settings import ENGINE_FIELDS
+
+    props = json.loads((CHART / "values.schema.json").read_text())["properties"]
+    owned = props["settings"]["properties"]["engine_args"]["propertyNames"]["not"]["enum"]
+    assert set(owned) == set(ENGINE_FIELDS) | set(_RESERVED)  # the schema says what the server says
+    for bad in [{"tensor_parallel_size": 2}, {"model": "/x"}, {"Block-Size": 16}]:
+        with pytest.raises(helm.HelmError):
+            render({"settings": {"engine_args": bad}})
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_loraplex_containers_name_their_command(rendered, scenario):
+    """The GPU image is built on vllm/vllm-openai (entrypoint `vllm serve`): every loraplex
+    container says `loraplex` itself instead of relying on the image's entrypoint."""
+    for w in workloads(rendered[scenario]):
+        for c in containers(w):
+            if c.get("command", [None])[0] == "python":  # the fsspec download scripts
+                continue
+            assert c["command"] == ["loraplex"], (w["metadata"]["name"], c["name"])
+
+
+def test_documented_gpu_examples(rendered):
+    """deploy/README.md's two GPU deployments (ci/gpu-8b, ci/gpu-70b-tp4) render as documented."""
+    one = server_container(rendered["gpu-8b"])
+    env = effective_env(rendered["gpu-8b"], one)
+    assert one["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert env["LORAPLEX_DTYPE"] == "bfloat16" and env["LORAPLEX_MAX_LORA_RANK"] == "64"
+    objs = rendered["gpu-70b-tp4"]
+    c, spec = server_container(objs), pod_spec(server(objs))
+    env = effective_env(objs, c)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert env["LORAPLEX_TENSOR_PARALLEL_SIZE"] == "4"
+    assert env["LORAPLEX_DISTRIBUTED_EXECUTOR_BACKEND"] == "mp"
+    assert json.loads(env["LORAPLEX_ENGINE_ARGS"]) == {"fully_sharded_loras": True}
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")["emptyDir"]
+    assert shm == {"medium": "Memory", "sizeLimit": "32Gi"}
+    assert server(objs)["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0,
+                                                                 "maxUnavailable": 1}
+
+
+def test_readme_gpu_excerpts_are_the_ci_files():
+    """Each `# deploy/helm/loraplex/ci/NAME (the engine part)` YAML block of deploy/README.md
+    is part of that file, value for value."""
+    import re
+
+    readme = (CHART.parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n# deploy/helm/loraplex/(ci/[\w.-]+) \(the engine part\)\n(.*?)```",
+                        readme, re.S)
+    assert {name for name, _ in blocks} == {"ci/gpu-8b-values.yaml", "ci/gpu-70b-tp4-values.yaml"}
+
+    def within(part, whole, where):
+        if isinstance(part, dict):
+            assert isinstance(whole, dict), where
+            for k, v in part.items():
+                assert k in whole, f"{where}.{k}"
+                within(v, whole[k], f"{where}.{k}")
+        else:
+            assert part == whole, (where, part, whole)
+
+    for name, text in blocks:
+        within(yaml.safe_load(text), yaml.safe_load((CHART / name).read_text()), name)
 
 
 # -- the trainer Job and the registry commands ------------------------------------------------

@@ -60,11 +60,13 @@ home registry_url artifacts_url s3_endpoint_url s3_key s3_secret max_adapter_ran
 {{- end -}}
 
 {{/* One setting value as the env string pydantic-settings parses: lists joined with commas,
-     integral numbers without an exponent (values arrive as float64: 1073741824 would print
-     as 1.073741824e+09). */}}
+     maps as a JSON object (engine_args), integral numbers without an exponent (values arrive
+     as float64: 1073741824 would print as 1.073741824e+09). */}}
 {{- define "loraplex.settingValue" -}}
 {{- $v := . -}}
-{{- if kindIs "slice" $v -}}
+{{- if kindIs "map" $v -}}
+{{- toJson $v -}}
+{{- else if kindIs "slice" $v -}}
 {{- $items := list -}}
 {{- range $v }}{{- $items = append $items (include "loraplex.settingValue" .) -}}{{- end -}}
 {{- join "," $items -}}
@@ -75,9 +77,9 @@ home registry_url artifacts_url s3_endpoint_url s3_key s3_secret max_adapter_ran
 {{- end -}}
 {{- end -}}
 
-{{/* Is a plain setting set (not null, not an empty list)? */}}
+{{/* Is a plain setting set (not null, not an empty list or map)? */}}
 {{- define "loraplex.isSet" -}}
-{{- if and (not (kindIs "invalid" .)) (or (not (kindIs "slice" .)) (gt (len .) 0)) -}}true{{- end -}}
+{{- if and (not (kindIs "invalid" .)) (or (not (or (kindIs "slice" .) (kindIs "map" .))) (gt (len .) 0)) -}}true{{- end -}}
 {{- end -}}
 
 {{/* env entries for the given fields: a secretKeyRef where secretEnv names the field, else the
@@ -115,6 +117,29 @@ home registry_url artifacts_url s3_endpoint_url s3_key s3_secret max_adapter_ran
 {{- end -}}
 
 {{/* Pods ------------------------------------------------------------------------------------ */}}
+
+{{/* The container command of the loraplex containers (image.command). */}}
+{{- define "loraplex.command" -}}
+{{- with .Values.image.command -}}
+command: {{ toJson . }}
+{{- end -}}
+{{- end -}}
+
+{{/* GPUs the engine uses: tensor_parallel_size x pipeline_parallel_size x
+     engine_args.data_parallel_size; gpu.count (if set) may only be larger. */}}
+{{- define "loraplex.gpuCount" -}}
+{{- $s := .Values.settings -}}
+{{- $dp := 1 -}}
+{{- with $s.engine_args }}{{ with .data_parallel_size }}{{ $dp = int . }}{{ end }}{{ end -}}
+{{- $need := mul (int (default 1 $s.tensor_parallel_size)) (int (default 1 $s.pipeline_parallel_size)) $dp -}}
+{{- if kindIs "invalid" .Values.gpu.count -}}
+{{- $need -}}
+{{- else if lt (int .Values.gpu.count) (int $need) -}}
+{{- fail (printf "gpu.count=%d is less than the %d GPUs the engine uses (settings.tensor_parallel_size x pipeline_parallel_size x engine_args.data_parallel_size); leave gpu.count null" (int .Values.gpu.count) (int $need)) -}}
+{{- else -}}
+{{- int .Values.gpu.count -}}
+{{- end -}}
+{{- end -}}
 
 {{- define "loraplex.terminationGracePeriodSeconds" -}}
 {{- if kindIs "invalid" .Values.lifecycle.terminationGracePeriodSeconds -}}
