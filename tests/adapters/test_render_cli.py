@@ -220,5 +220,10 @@ def test_server_render_gives_the_cli_ids(toy_model_dir, one_step_lora, tmp_path,
                 assert r.status_code == 200, r.text
                 got.append(r.json()["token_ids"])
             assert got == want, model
+        # A conversation the adapter's template refuses: a 400 with the template's own words.
+        r = client.post("/v1/chat/completions", json={"model": "llama", "messages": [
+            {"role": "user", "content": "hi"}, {"role": "system", "content": "late"}]})
+        assert r.status_code == 400, r.text
+        assert "a system message is only allowed first" in r.json()["error"]["message"]
     assert cli_ids["toy"] != cli_ids["llama"]
     registry.close()
