@@ -111,8 +111,9 @@ class ChatTokenizer:
         tok = Tokenizer.from_str(backend.to_str())  # our own copy: no padding/truncation state
         tok.no_padding()
         tok.no_truncation()
-        specials = {k: str(v) for k, v in hf.special_tokens_map.items()
-                    if isinstance(v, str) or k in _SPECIAL_KEYS}
+        # What apply_chat_template passes to templates: every entry of special_tokens_map.
+        specials = {k: [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v)
+                    for k, v in hf.special_tokens_map.items()}
         return cls(tok, specials, str(d))
 
     @classmethod

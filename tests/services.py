@@ -20,6 +20,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -193,8 +194,10 @@ def spawn_server(model: Path, env: dict[str, str], log: Path) -> subprocess.Pope
         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
-    """Wait for `url`/ready to answer 200; raise with the server's log if it dies or times out."""
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300,
+               path: str = "/ready") -> None:
+    """Wait for `url` + `path` to answer 200 (vLLM's own server: path="/health"); raise with
+    the server's log if it dies or times out."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -202,9 +205,20 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300
         if proc.poll() is not None:
             raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
         try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+            if httpx.get(url + path, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(1)
     raise RuntimeError(f"server not ready in {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, SIGKILL after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -27,7 +27,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import free_port, wait_ready
+from tests.services import free_port, stop_server, wait_ready
 
 pytestmark = pytest.mark.engine
 
@@ -148,10 +147,5 @@ def test_using_it_runs_as_written(tmp_path, toy_model_dir, task_prompts):
         print("README 'Using it' timings:", report(), file=sys.stderr)
         if log.exists():  # shown by pytest only when the test fails
             print("--- loraplex serve log (tail) ---\n" + log.read_text()[-4000:], file=sys.stderr)
-        if server is not None and server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+        if server is not None:
+            stop_server(server)

@@ -7,8 +7,6 @@ unique names, so they do not disturb each other's expectations.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loraplex.adapters.registry import Registry
-from tests.services import free_port, server_env, spawn_server, wait_ready
+from tests.services import free_port, server_env, spawn_server, stop_server, wait_ready
 
 
 @dataclass
@@ -52,16 +50,6 @@ def start_server(model: Path, env: dict[str, str], log: Path, timeout: float = 2
         proc.kill()
         raise
     return proc
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="session")

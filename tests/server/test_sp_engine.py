@@ -16,7 +16,6 @@ Both servers run the same directory with the same engine settings; for each conv
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import httpx
 import pytest
 
 from tests.fixtures.tokenizers import build_tiny_model, fixture_digest, template
-from tests.services import free_port, server_env, wait_ready
+from tests.services import free_port, server_env, stop_server, wait_ready
 
 pytestmark = pytest.mark.engine
 
@@ -58,32 +57,6 @@ def tiny_model(request: pytest.FixtureRequest) -> Path:
     return out
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _wait_vllm(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"vLLM server not ready in {timeout}s:\n{log.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def servers(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """{"vllm": url, "loraplex": url}: both started at once, stopped at the end."""
@@ -109,12 +82,12 @@ def servers(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     procs = [vllm, lora]
     try:
         vurl, lurl = f"http://127.0.0.1:{vport}", f"http://127.0.0.1:{lport}"
-        _wait_vllm(vllm, vurl, vlog)
+        wait_ready(vllm, vurl, vlog, path="/health")
         wait_ready(lora, lurl, llog)
         yield {"vllm": vurl, "loraplex": lurl}
     finally:
         for p in procs:
-            _stop(p)
+            stop_server(p)
 
 
 @pytest.mark.parametrize("k", range(len(CONVERSATIONS)))
