@@ -14,13 +14,23 @@ class LoraplexError(Exception):
     http_status = 400
     type = "invalid_request_error"
     code: str | None = None
+    # Seconds a client should wait before retrying (the HTTP Retry-After header), or None.
+    retry_after: float | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str] | None:
+        if self.retry_after is None:
+            return None
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
 
     def to_openai(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -30,6 +40,13 @@ class BadRequest(LoraplexError):
     """A malformed request, option or input file."""
 
     code = "invalid_value"
+
+
+class PayloadTooLarge(BadRequest):
+    """A request body over the configured limit (refused before it is read)."""
+
+    http_status = 413
+    code = "payload_too_large"
 
 
 class ConfigError(LoraplexError):
@@ -85,9 +102,17 @@ class CapacityExceeded(LoraplexError):
     http_status = 429
     type = "rate_limit_error"
     code = "queue_full"
+    retry_after = 1.0
 
 
 class NotReady(LoraplexError):
     http_status = 503
     type = "service_unavailable"
     code = "not_ready"
+    retry_after = 5.0
+
+
+class StoreUnavailable(NotReady):
+    """The registry database or the artifact store cannot be reached right now."""
+
+    code = "store_unavailable"

@@ -126,7 +126,8 @@ def create_app(settings: ServerSettings, engine: Engine, registry: Registry | No
     @app.exception_handler(LoraplexError)
     async def _loraplex_error(request: Request, exc: LoraplexError):
         _count_error(request, exc.http_status)
-        return JSONResponse(exc.to_openai(), status_code=exc.http_status)
+        return JSONResponse(exc.to_openai(), status_code=exc.http_status,
+                            headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
