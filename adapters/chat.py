@@ -382,8 +382,22 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string or a list of text parts",
                              param=f"messages[{i}].content")
+        if not is_encodable(content):
+            raise BadRequest(f"messages[{i}].content holds a lone UTF-16 surrogate (an unpaired "
+                             "\\ud800-\\udfff escape), which is not text: send valid Unicode",
+                             param=f"messages[{i}].content")
         out.append({"role": role, "content": content})
     return out
+
+
+def is_encodable(text: str) -> bool:
+    """False for strings holding lone surrogates (JSON lets "\\ud800" through; no tokenizer or
+    UTF-8 stream can carry it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # -- rendering -----------------------------------------------------------------------------------

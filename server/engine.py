@@ -17,8 +17,15 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from loraplex.adapters.errors import ConfigError
-from loraplex.server.interface import Chunk, CompletionDelta, GenRequest, LoraRef, TokenLogprob
+from loraplex.adapters.errors import BadRequest, ConfigError, NotReady
+from loraplex.server.interface import (
+    Chunk,
+    CompletionDelta,
+    GenRequest,
+    LoraRef,
+    SamplingSpec,
+    TokenLogprob,
+)
 from loraplex.server.settings import ENGINE_FIELDS, ServerSettings
 
 log = logging.getLogger("loraplex.engine")
@@ -106,6 +113,22 @@ def build_engine_args(settings: ServerSettings):
         return cls(**engine_kwargs(settings))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"vLLM rejected the engine arguments: {exc}", param="engine_args") from None
+
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingSpec)} | {"min_tokens"}
+
+
+def _bad_request(exc: Exception) -> BadRequest:
+    message = str(exc)
+    param = getattr(exc, "parameter", None) or _param_named_in(message)
+    return BadRequest(f"{message.rstrip('.')}: change {param or 'the request'} and retry",
+                      param=param)
+
+
+def _param_named_in(message: str) -> str | None:
+    """vLLM's messages start with the field they are about ("n must be 1 when ...")."""
+    first = message.split(maxsplit=1)[0] if message.strip() else ""
+    return first if first in _SAMPLING_FIELDS else None
 
 
 def _skip_rows_without_lora(op, zero: str):
@@ -198,6 +221,13 @@ class VllmEngine:
             raise RuntimeError("engine not started")
         await self._llm.check_health()
 
+    @staticmethod
+    def _dead() -> NotReady:
+        # vLLM does not restart a dead engine core: /health fails so the pod is restarted, and
+        # until then every request is a 503 a client retries (on another replica).
+        return NotReady("the inference engine has stopped (see the server log) and this server "
+                        "is restarting; retry shortly")
+
     # -- adapters -----------------------------------------------------------------------
     @staticmethod
     def _lora_request(lora: LoraRef):
@@ -246,6 +276,7 @@ class VllmEngine:
             max_tokens=s.max_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
+            top_k=s.top_k if s.top_k is not None else 0,
             seed=s.seed,
             stop=s.stop or None,
             stop_token_ids=s.stop_token_ids or None,
@@ -257,26 +288,56 @@ class VllmEngine:
             output_kind=RequestOutputKind.DELTA,
         )
 
+    def check(self, req: GenRequest) -> None:
+        """vLLM's own validation of the sampling parameters, as a 400 naming the parameter."""
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            self._sampling_params(req)
+        except (ValueError, VLLMClientError) as exc:
+            raise _bad_request(exc) from None
+
     async def generate(self, req: GenRequest) -> AsyncIterator[Chunk]:
         from vllm.inputs import TokensPrompt
 
+        if not self.ready:
+            raise self._dead()
         params = self._sampling_params(req)
         lora = self._lora_request(req.lora) if req.lora else None
         stream = self._llm.generate(
             TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id,
             lora_request=lora,
         )
+        from vllm.exceptions import VLLMClientError
+
         finished = False
         try:
-            async for out in stream:
+            try:
+                out = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except (ValueError, VLLMClientError) as exc:
+                # Refused when the engine took the request (its own input checks): the
+                # client's fault, a 400 (or, mid-stream, an error event), not a 500.
+                finished = True
+                raise _bad_request(exc) from None
+            while True:
                 finished = out.finished
                 yield Chunk(
                     deltas=[_delta(o, req.sampling.logprobs) for o in out.outputs],
                     prompt_tokens=len(out.prompt_token_ids or req.prompt_token_ids),
                     finished=out.finished,
                 )
+                try:
+                    out = await anext(stream)
+                except StopAsyncIteration:
+                    return
+        except Exception as exc:
+            if not self.ready:  # the engine died under the request (vLLM's EngineDeadError)
+                raise self._dead() from exc
+            raise
         finally:
-            if not finished:  # the client went away or the caller stopped early
+            if not finished and self.ready:  # the client went away or the caller stopped early
                 await self._llm.abort(req.request_id)
 
     async def abort(self, request_id: str) -> None:

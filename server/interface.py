@@ -34,6 +34,7 @@ class SamplingSpec:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int | None = None  # None: the engine's default (all tokens)
     n: int = 1
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -90,6 +91,11 @@ class Engine(Protocol):
 
     def generate(self, req: GenRequest) -> AsyncIterator[Chunk]:
         """Stream deltas; closing the iterator early aborts the request in the engine."""
+        ...
+
+    def check(self, req: GenRequest) -> None:
+        """Raise BadRequest (naming the parameter) for what the engine would refuse; called
+        before the request is admitted, so it never becomes an error inside a stream."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

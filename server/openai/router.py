@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
 
+from loraplex.adapters.chat import is_encodable
 from loraplex.adapters.errors import BadRequest
 from loraplex.server.openai.protocol import ChatCompletionRequest, CompletionRequest, RenderRequest
 
@@ -31,6 +32,10 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Any:
         raise BadRequest("the request body is not valid JSON", param="body") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object", param="body")
+    bad = _first_lone_surrogate(data)
+    if bad is not None:
+        raise BadRequest(f"{bad} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                         "escape), which is not text: send valid Unicode", param=bad)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -39,6 +44,26 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Any:
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         msg = err["msg"].removeprefix("Value error, ")
         raise BadRequest(f"invalid {param}: {msg}{got}", param=param) from None
+
+
+def _first_lone_surrogate(data: Any) -> str | None:
+    """The path (`messages[0].content`) of the first string, key or value, that cannot be
+    UTF-8 encoded; iterative, so deep nesting cannot overflow the stack."""
+    todo: list[tuple[str, Any]] = [("", data)]
+    while todo:
+        path, x = todo.pop()
+        if isinstance(x, str):
+            if not is_encodable(x):
+                return path or "body"
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                sub = f"{path}.{k}" if path else str(k)
+                if not is_encodable(str(k)):
+                    return path or "body"
+                todo.append((sub, v))
+        elif isinstance(x, list):
+            todo.extend((f"{path}[{i}]", v) for i, v in enumerate(x))
+    return None
 
 
 def _schema(model: type[BaseModel]) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,6 +30,51 @@ from loraplex.server.openai.protocol import (
     RenderRequest,
 )
 from loraplex.server.settings import ServerSettings
+
+log = logging.getLogger("loraplex.serving")
+
+
+class InFlight:
+    """One admitted request, from admission until its response is done (streamed body
+    included): counted in the in-flight gauge and `max_queue` exactly once, and recorded in
+    the requests counter exactly once, whatever ends it."""
+
+    def __init__(self, serving: OpenAIServing, labels: tuple[str, str], endpoint: str):
+        self.serving, self.labels, self.endpoint = serving, labels, endpoint
+        self.t0 = time.perf_counter()
+        self.recorded = self.released = False
+        serving.in_flight += 1
+        serving.metrics.in_flight.inc()
+
+    def record(self, status: str) -> None:
+        if not self.recorded:
+            self.recorded = True
+            self.serving.metrics.requests.labels(*self.labels, self.endpoint, status).inc()
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.record("499")  # nothing else recorded it: the client left before the body began
+        self.serving.in_flight -= 1
+        self.serving.metrics.in_flight.dec()
+        self.serving.metrics.latency.labels(*self.labels).observe(time.perf_counter() - self.t0)
+
+
+class _GuardedStream(StreamingResponse):
+    """A streaming response that releases its InFlight however the ASGI call ends, also when
+    the client is gone before the body starts (then the body generator never runs, and its
+    `finally` would not either)."""
+
+    def __init__(self, body: AsyncIterator[bytes], guard: InFlight):
+        super().__init__(body, media_type="text/event-stream")
+        self.guard = guard
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.guard.release()
 
 
 class OpenAIServing:
@@ -69,24 +115,25 @@ class OpenAIServing:
                 "prompt or lower max_tokens", param=param, code="context_length_exceeded")
         return max_new if max_new is not None else room
 
-    def _admit(self) -> None:
+    def _admit(self, version: AdapterVersion | None, endpoint: str) -> InFlight:
+        """Admission: refused (429) at `max_queue` requests in flight, else counted until the
+        response is done. Comes after every check that needs no adapter weights and before the
+        adapter is loaded, so a cold load is bounded by `max_queue` too."""
         if self.in_flight >= self.settings.max_queue:
             raise CapacityExceeded(
                 f"{self.in_flight} requests are in flight, the limit (max_queue) is "
                 f"{self.settings.max_queue}: retry with backoff")
-
-    async def _target(self, model: str, user: str | None):
-        version = await self.manager.resolve(model, user)
-        lora = await self.manager.ensure_loaded(version) if version else None
-        return version, lora
+        return InFlight(self, self._labels(version), endpoint)
 
     def _labels(self, v: AdapterVersion | None) -> tuple[str, str]:
         return (v.name, str(v.version)) if v else (self.settings.served_model_name, "base")
 
     # -- endpoints ------------------------------------------------------------------------
+    # A request's life: parse (router) -> resolve the name (no weights) -> render and validate
+    # everything the engine would refuse -> admit and count -> load the adapter -> generate.
+    # So a malformed request for a cold adapter never downloads it.
     async def chat(self, req: ChatCompletionRequest, raw: Request):
-        self._admit()
-        version, lora = await self._target(req.model, req.user)
+        version = await self.manager.resolve(req.model, req.user)
         rendered, _, stop_ids = self._render(version, req.messages)
         ids = rendered.token_ids
         sampling = self._sampling(req, self._budget(len(ids), req.max_new_tokens(), "max_tokens"))
@@ -99,21 +146,34 @@ class OpenAIServing:
             sampling.json_object = True
         elif rf is not None and rf.type == "json_schema":
             sampling.json_schema = rf.json_schema.schema_
-        gen = GenRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, sampling, lora)
-        return await self._respond(gen, req, version, raw, kind="chat")
+        gen = GenRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, sampling)
+        return await self._run(gen, req, version, raw, kind="chat")
 
     async def completion(self, req: CompletionRequest, raw: Request):
-        self._admit()
         prompts = self._prompts(req.prompt)
         if len(prompts) != 1:
             raise BadRequest("send one prompt per request (batches of prompts are not supported)",
                              param="prompt")
-        version, lora = await self._target(req.model, req.user)
+        version = await self.manager.resolve(req.model, req.user)
         ids = prompts[0]
         sampling = self._sampling(req, self._budget(len(ids), req.max_tokens, "max_tokens"))
         sampling.logprobs = req.logprobs
-        gen = GenRequest(f"cmpl-{uuid.uuid4().hex}", ids, sampling, lora)
-        return await self._respond(gen, req, version, raw, kind="text")
+        gen = GenRequest(f"cmpl-{uuid.uuid4().hex}", ids, sampling)
+        return await self._run(gen, req, version, raw, kind="text")
+
+    async def _run(self, gen: GenRequest, req, version, raw: Request, kind: str):
+        self.engine.check(gen)  # what the engine would refuse is a 400 here, not a dead stream
+        guard = self._admit(version, "chat" if kind == "chat" else "completions")
+        try:
+            gen.lora = await self.manager.ensure_loaded(version) if version else None
+            return await self._respond(gen, req, raw, kind, guard)
+        except asyncio.CancelledError:
+            guard.release()  # the client left while the adapter loaded: recorded as 499
+            raise
+        except BaseException:
+            guard.recorded = True  # the app's error handler records the error status
+            guard.release()
+            raise
 
     def render(self, req: RenderRequest, version: AdapterVersion | None) -> dict:
         rendered, stops, stop_ids = self._render(version, req.messages,
@@ -145,37 +205,31 @@ class OpenAIServing:
 
     @staticmethod
     def _sampling(req, max_tokens: int) -> SamplingSpec:
+        temperature = 1.0 if req.temperature is None else req.temperature
+        top_k = None
+        if temperature == 0 and req.n > 1:
+            # OpenAI answers n > 1 at temperature 0 (n greedy answers); vLLM refuses greedy
+            # n > 1. Sampling from the top-1 token only is greedy decoding by another name.
+            temperature, top_k = 1.0, 1
         return SamplingSpec(
             max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
+            temperature=temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=top_k,
             n=req.n, stop=req.stop_list(), seed=req.seed,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             ignore_eos=req.ignore_eos,
         )
 
-    async def _respond(self, gen: GenRequest, req, version, raw: Request, kind: str):
-        labels = self._labels(version)
-        endpoint = "chat" if kind == "chat" else "completions"
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
-        t0 = time.perf_counter()
-        stream = self._timed(gen, labels, t0)
+    async def _respond(self, gen: GenRequest, req, raw: Request, kind: str, guard: InFlight):
+        stream = self._timed(gen, guard.labels, guard.t0)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = self._sse(stream, gen, req, kind, include_usage, labels, endpoint, t0)
-            return StreamingResponse(body, media_type="text/event-stream")
-        try:
-            result = await _until_disconnected(_collect(stream, gen.sampling.n), raw)
-            self.metrics.requests.labels(*labels, endpoint, "200").inc()
-            return JSONResponse(_final_body(gen, req, kind, *result))
-        finally:
-            self._done(labels, t0)
-
-    def _done(self, labels, t0: float) -> None:
-        self.in_flight -= 1
-        self.metrics.in_flight.dec()
-        self.metrics.latency.labels(*labels).observe(time.perf_counter() - t0)
+            return _GuardedStream(self._sse(stream, gen, req, kind, include_usage, guard), guard)
+        result = await _until_disconnected(_collect(stream, gen.sampling.n), raw)
+        guard.record("200")
+        guard.release()
+        return JSONResponse(_final_body(gen, req, kind, *result))
 
     async def _timed(self, gen: GenRequest, labels, t0: float) -> AsyncIterator[Chunk]:
         first = True
@@ -193,13 +247,13 @@ class OpenAIServing:
             self.metrics.prompt_tokens.labels(*labels).inc(prompt_tokens)
             self.metrics.completion_tokens.labels(*labels).inc(completion)
 
-    async def _sse(self, stream, gen, req, kind, include_usage, labels, endpoint, t0):
+    async def _sse(self, stream, gen, req, kind, include_usage, guard: InFlight):
         created = int(time.time())
         usage = [len(gen.prompt_token_ids), 0]
-        status = "200"
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         try:
             if kind == "chat":  # OpenAI sends the role first, alone
-                yield _sse({"id": gen.request_id, "object": "chat.completion.chunk",
+                yield _sse({"id": gen.request_id, "object": obj,
                             "created": created, "model": req.model, "choices": [
                                 {"index": i, "delta": {"role": "assistant", "content": ""},
                                  "logprobs": None, "finish_reason": None}
@@ -221,22 +275,24 @@ class OpenAIServing:
                                         "finish_reason": _finish(d.finish_reason)})
                 if choices:
                     yield _sse({"id": gen.request_id, "created": created, "model": req.model,
-                                "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                                "choices": choices, **({"usage": None} if include_usage else {})})
+                                "object": obj, "choices": choices,
+                                **({"usage": None} if include_usage else {})})
             if include_usage:
                 yield _sse({"id": gen.request_id, "created": created, "model": req.model,
-                            "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                            "choices": [], "usage": _usage(*usage)})
-            yield b"data: [DONE]\n\n"
+                            "object": obj, "choices": [], "usage": _usage(*usage)})
+            guard.record("200")
         except LoraplexError as exc:  # after the 200 header: report in-band, as OpenAI does
-            status = str(exc.http_status)
+            guard.record(str(exc.http_status))
             yield _sse(exc.to_openai())
         except asyncio.CancelledError:
-            status = "499"  # client closed the stream: the engine request is aborted
+            guard.record("499")  # client closed the stream: the engine request is aborted
             raise
-        finally:
-            self.metrics.requests.labels(*labels, endpoint, status).inc()
-            self._done(labels, t0)
+        except Exception:  # noqa: BLE001 - a stream must end with an error event, never cut
+            log.exception("stream %s failed", gen.request_id)
+            guard.record("500")
+            yield _sse({"error": {"message": "internal error while streaming; see the server "
+                                  "log", "type": "internal_error", "param": None, "code": None}})
+        yield b"data: [DONE]\n\n"
 
 
 async def _until_disconnected(coro, raw: Request):

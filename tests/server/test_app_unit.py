@@ -54,6 +54,12 @@ class FakeEngine:
             if not finished:
                 self.aborted.append(req.request_id)
 
+    def check(self, req):
+        from loraplex.adapters.errors import BadRequest
+
+        if any(not s for s in req.sampling.stop):  # as vLLM does
+            raise BadRequest("stop cannot contain an empty string", param="stop")
+
     async def abort(self, request_id):
         self.aborted.append(request_id)
 

@@ -193,6 +193,17 @@ def test_errors_are_clear_and_harm_no_one(served, test_loras, toy_model_dir, tmp
         ask(c, wide, "hi")
     assert e.value.body["code"] == "adapter_incompatible" and "rank 16" in e.value.body["message"]
 
+    # What vLLM itself refuses is a 400 naming the parameter, before any stream starts.
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(c, "upper", "hi", stop=["x", ""], stream=stream)
+        assert e.value.body["param"] == "stop"
+
+    # n > 1 at temperature 0 (vLLM refuses greedy n > 1): n answers, each the greedy one.
+    r = c.chat.completions.create(model="upper", n=2, temperature=0, max_tokens=16,
+                                  messages=[{"role": "user", "content": "cat dog"}])
+    assert [ch.message.content for ch in r.choices] == [good, good]
+
     # nothing above harmed the server or the other adapters
     assert ask(c, "upper", "cat dog") == good
     assert httpx.get(served.url + "/ready").status_code == 200
