@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -32,6 +33,9 @@ WEIGHT_DTYPES = {"F16", "BF16", "F32"}
 # init_lora_weights values that leave a plain LoRA (others modify the base: PiSSA, OLoRA, LoftQ).
 PLAIN_INITS = {"gaussian", "eva", "orthogonal", "mica", "lora_ga"}
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+# Errors a malformed JSON file can raise besides ValueError (JSONDecodeError, too many digits):
+# deep nesting ([[[[...]]]]) exhausts the recursion limit.
+_JSON_ERRORS = (UnicodeDecodeError, ValueError, RecursionError)
 _SAFE_PART = re.compile(r"[A-Za-z0-9._+=@-][A-Za-z0-9 ._+=@-]*")
 MAX_LISTED = 20  # cap repeated tensor problems so a wrong base yields a readable message
 
@@ -58,6 +62,30 @@ def _is_pickle(path: Path) -> bool:
     with path.open("rb") as f:
         head = f.read(2)
     return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _json_kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null", int: "a number", float: "a number"}.get(type(value), "a value")
+
+
+def _read_json_object(path: Path, file: str, p: _Problems, fix: str) -> dict[str, Any] | None:
+    """A JSON object file, or None with the problem recorded (never an assert: a 500 under -O)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        p.bad(file, "file", f"cannot be read ({exc.strerror or exc})", fix)
+        return None
+    except RecursionError:
+        p.bad(file, "file", "JSON nested too deeply to parse", fix)
+        return None
+    except _JSON_ERRORS as exc:
+        p.bad(file, "file", f"not valid UTF-8 JSON ({exc})", fix)
+        return None
+    if not isinstance(data, dict):
+        p.bad(file, "file", f"is {_json_kind(data)}, not a JSON object", fix)
+        return None
+    return data
 
 
 class _Problems:
@@ -134,7 +162,9 @@ def _check_config(cfg: dict[str, Any], base: BaseModelRecord, max_rank: int,
                 f"retrain with r <= {max_rank} or raise LORAPLEX_MAX_ADAPTER_RANK "
                 "(and the server's max LoRA rank)")
     alpha = cfg.get("lora_alpha")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+    # NaN and Infinity parse from JSON (json.loads accepts them) and pass `alpha > 0` checks.
+    if (not isinstance(alpha, (int, float)) or isinstance(alpha, bool)
+            or not math.isfinite(alpha) or alpha <= 0):
         p.bad(f, "lora_alpha", f"{alpha!r} must be a positive number", "set lora_alpha, e.g. 2*r")
         alpha = 0.0
     if cfg.get("use_dora"):
@@ -202,11 +232,14 @@ def _check_tensors(path: Path, base: BaseModelRecord, r: int, rank_pattern: dict
     f = WEIGHTS_FILE
     try:
         header = read_header(path)
-    except HeaderError as exc:
-        p.bad(f, "header", f"corrupt safetensors header: {exc}",
+    except (HeaderError, RecursionError, OSError) as exc:
+        what = "JSON nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        p.bad(f, "header", f"corrupt safetensors header: {what}",
               "re-save the adapter with save_pretrained(safe_serialization=True)")
         return
-    layer_re = re.compile(rf"^{re.escape(base.layer_prefix)}\.(\d+)\.(.+)$")
+    # [0-9], not \d: \d and int() take any Unicode digit, so 'layers.١.' would pass as layer 1
+    # here while vLLM matches no module by that name.
+    layer_re = re.compile(rf"^{re.escape(base.layer_prefix)}\.(0|[1-9][0-9]*)\.(.+)$")
     issues: list[tuple[str, str, str, str]] = []
     seen: dict[str, set[str]] = {}
     for key, info in header.items():
@@ -261,19 +294,21 @@ def _read_loraplex(d: Path, base: BaseModelRecord, p: _Problems) -> dict[str, An
     path = d / LORAPLEX_FILE
     if not path.is_file():
         return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        assert isinstance(meta, dict)
-    except (OSError, UnicodeDecodeError, ValueError, AssertionError):
-        p.bad(LORAPLEX_FILE, "file", "not a JSON object", "fix or remove the file")
+    meta = _read_json_object(path, LORAPLEX_FILE, p, "fix or remove the file")
+    if meta is None:
         return {}
     fp = meta.get("base_fingerprint")
-    if fp is not None and fp != base.fingerprint:
+    if fp is not None and not isinstance(fp, str):
+        p.bad(LORAPLEX_FILE, "base_fingerprint", f"is {_json_kind(fp)}, must be a string such as "
+              "'sha256:...'", "fix or remove the field")
+        meta.pop("base_fingerprint")
+    elif fp is not None and fp != base.fingerprint:
         p.unfit(LORAPLEX_FILE, "base_fingerprint", f"adapter was trained on base {fp}, but base "
                 f"{base.name!r} is {base.fingerprint}",
                 "push with --base NAME of the base it was trained on (register it first)")
     if not isinstance(meta.get("chat_template", ""), (str, type(None))):
-        p.bad(LORAPLEX_FILE, "chat_template", "must be a string", "fix the file")
+        p.bad(LORAPLEX_FILE, "chat_template", f"is {_json_kind(meta['chat_template'])}, must be "
+              "a string", "fix the file")
         meta.pop("chat_template")
     stops = meta.get("stop_tokens")
     if stops is not None and not (isinstance(stops, list) and all(isinstance(s, str) for s in stops)):
@@ -303,19 +338,19 @@ def validate_adapter_dir(dir: str | Path, base: BaseModelRecord, max_rank: int,
         p.bad(CONFIG_FILE, "file", "missing", "push a PEFT adapter directory "
               "(model.save_pretrained(dir) writes adapter_config.json)")
     else:
-        try:
-            cfg = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
-            assert isinstance(cfg, dict)
-        except (UnicodeDecodeError, ValueError, AssertionError):
-            p.bad(CONFIG_FILE, "file", "not a JSON object", "re-save the adapter")
-            cfg = None
+        cfg = _read_json_object(d / CONFIG_FILE, CONFIG_FILE, p, "re-save the adapter")
     # The declared base first: when it is wrong, that is the problem to read first.
     meta = _read_loraplex(d, base, p)
     declared = (cfg or {}).get("base_model_name_or_path")
-    if isinstance(declared, str) and declared and Path(declared).expanduser().is_dir():
+    fp = None
+    if isinstance(declared, str) and declared:
+        # Any string an uploader wrote: '~nosuchuser' (RuntimeError), a NUL or an over-long
+        # name (ValueError/OSError) must not become a 500; only a readable base directory counts.
         try:
-            fp = fingerprint_base(Path(declared).expanduser())
-        except ConfigError:
+            where = Path(declared).expanduser()
+            if where.is_dir():
+                fp = fingerprint_base(where)
+        except (ConfigError, OSError, RuntimeError, *_JSON_ERRORS):
             fp = None
         if fp is not None and fp != base.fingerprint:
             p.unfit(CONFIG_FILE, "base_model_name_or_path", f"{declared!r} is a different base "
@@ -340,6 +375,10 @@ def validate_adapter_dir(dir: str | Path, base: BaseModelRecord, max_rank: int,
             stops = read_eos_tokens(d) or None
     except ConfigError as exc:
         p.bad("tokenizer files", "json", str(exc), "fix or remove the tokenizer files")
+    except (OSError, RecursionError, ValueError, TypeError, AttributeError) as exc:
+        # A tokenizer file of the wrong shape (e.g. "model": [] or "added_tokens": {}).
+        p.bad("tokenizer files", "json", f"malformed ({type(exc).__name__}: {exc})"[:300],
+              "fix or remove the tokenizer files")
 
     if p.invalid or p.incompatible:
         problems = p.invalid + p.incompatible
