@@ -13,12 +13,20 @@ without a row is garbage from a crashed push and is never read.
 
 `fetch` downloads into a temp directory beside the destination, verifies every file's sha256
 against the registry record and only then renames it into place.
+
+Failures: a store that cannot be reached or is out of space raises `StoreUnavailable` (503,
+retry later), after removing whatever the failed call wrote; a file missing from the store or
+whose bytes do not match the recorded sha256 raises `AdapterInvalid` naming each file (the fix:
+archive that version, then push the adapter again). A local destination that fills up during `fetch` raises the
+OSError (ENOSPC) after the partial download is removed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -28,12 +36,14 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from loraplex.adapters.errors import AdapterInvalid, Conflict
+from loraplex.adapters.errors import AdapterInvalid, Conflict, LoraplexError, StoreUnavailable
 from loraplex.adapters.records import AdapterVersion
 from loraplex.adapters.validate import safe_relpath
 
 MANIFEST = "MANIFEST.json"
 CHUNK = 1 << 20
+log = logging.getLogger("loraplex.registry")
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ArtifactStore:
@@ -50,6 +60,15 @@ class ArtifactStore:
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url!r})"
+
+    def _unavailable(self, doing: str, exc: BaseException) -> StoreUnavailable:
+        reason = str(exc).strip().splitlines()
+        reason_s = reason[0] if reason else type(exc).__name__
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return StoreUnavailable(f"the artifact store {self.url} is out of space {doing}: "
+                                    f"{reason_s}; free space there, then retry")
+        return StoreUnavailable(f"the artifact store {self.url} is unavailable {doing}: "
+                                f"{type(exc).__name__}: {reason_s}; retry when it is back")
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -78,15 +97,33 @@ class ArtifactStore:
             if self.local:
                 os.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
                 os.rename(target, final)
-        except BaseException:
-            self._rm(target)
+        except BaseException as exc:
+            self._rm_quietly(target)
+            if isinstance(exc, Exception) and not isinstance(exc, LoraplexError):
+                raise self._unavailable(f"writing {name!r}", exc) from exc
             raise
         return self.fs.unstrip_protocol(final)
 
-    def delete(self, artifact_uri: str) -> None:
-        """Remove a prefix written by `put` (only used to undo a push that did not commit)."""
-        fs, path = self._fs_for(artifact_uri)
-        self._rm(path, fs)
+    def delete(self, artifact_uri: str) -> bool:
+        """Remove a prefix written by `put` (only used to undo a push that did not commit).
+
+        Best effort, never raises: it runs while another error is on its way to the user, and
+        a prefix no registry row names is never read. False (and a warning) if it stayed."""
+        try:
+            fs, path = self._fs_for(artifact_uri)
+            self._rm(path, fs)
+            return True
+        except Exception as exc:
+            log.warning("could not remove the unregistered artifact %s (%s: %s); it is never "
+                        "read and can be deleted by hand", artifact_uri, type(exc).__name__, exc)
+            return False
+
+    def _rm_quietly(self, path: str) -> None:
+        try:
+            self._rm(path)
+        except Exception as exc:
+            log.warning("could not remove the partial upload %s (%s: %s); it is never read",
+                        path, type(exc).__name__, exc)
 
     def _rm(self, path: str, fs: Any = None) -> None:
         fs = fs or self.fs
@@ -113,7 +150,10 @@ class ArtifactStore:
 
     def exists(self, artifact_uri: str) -> bool:
         fs, path = self._fs_for(artifact_uri)
-        return fs.exists(f"{path}/{MANIFEST}")
+        try:
+            return fs.exists(f"{path}/{MANIFEST}")
+        except Exception as exc:
+            raise self._unavailable(f"checking {artifact_uri}", exc) from exc
 
     def fetch(self, version: AdapterVersion, dest: str | Path) -> Path:
         """Download `version` into `dest` (absent or empty) and verify every sha256."""
@@ -133,21 +173,19 @@ class ArtifactStore:
             for rel, want in sorted(version.files.items()):
                 out = tmp / rel
                 out.parent.mkdir(parents=True, exist_ok=True)
-                h = hashlib.sha256()
-                try:
-                    with fs.open(f"{prefix}/files/{rel}", "rb") as src, out.open("wb") as dst:
-                        for chunk in iter(lambda: src.read(CHUNK), b""):
-                            h.update(chunk)
-                            dst.write(chunk)
-                except FileNotFoundError:
+                got = self._copy_verified(fs, f"{prefix}/files/{rel}", out, version)
+                if got is None:
                     problems.append(f"{rel}: missing from {version.artifact_uri}")
-                    continue
-                if h.hexdigest() != want:
-                    problems.append(f"{rel}: sha256 {h.hexdigest()} but the registry recorded "
-                                    f"{want}; the stored artifact is corrupt: push it again")
+                elif got != want:
+                    problems.append(f"{rel}: sha256 {got} but the registry recorded "
+                                    f"{want}; the stored artifact is corrupt")
             if problems:
-                raise AdapterInvalid(f"{version.ref}: artifact failed verification",
-                                     problems=problems)
+                # Pushing the same files again would return this very version (identical
+                # content is deduplicated among active versions): archive it first.
+                raise AdapterInvalid(
+                    f"{version.ref}: artifact failed verification; archive this version "
+                    f"(`loraplex adapters archive {version.ref}`) and push the adapter again",
+                    problems=problems)
             if dest.exists():
                 dest.rmdir()
             os.rename(tmp, dest)
@@ -155,3 +193,28 @@ class ArtifactStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return dest
+
+    def _copy_verified(self, fs: Any, src_path: str, out: Path, version: AdapterVersion
+                       ) -> str | None:
+        """Copy one stored file to `out`; its sha256, or None if the store does not have it.
+
+        Reading the store can fail (StoreUnavailable); writing `out` raises its OSError."""
+        h = hashlib.sha256()
+        try:
+            src = fs.open(src_path, "rb")
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._unavailable(f"reading {version.ref}", exc) from exc
+        with src, out.open("wb") as dst:
+            while True:
+                try:
+                    chunk = src.read(CHUNK)
+                except FileNotFoundError:  # deleted while we read it
+                    return None
+                except Exception as exc:
+                    raise self._unavailable(f"reading {version.ref}", exc) from exc
+                if not chunk:
+                    return h.hexdigest()
+                h.update(chunk)
+                dst.write(chunk)

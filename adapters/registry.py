@@ -10,13 +10,21 @@
 A push validates the directory against its base, writes the files once to a fresh artifact
 prefix, and only then inserts the version (and moves the alias) in one transaction that also
 bumps the registry revision. If anything fails after the upload, the uploaded prefix is deleted:
-a failed push leaves no row and no files.
+a failed push leaves no row and no files. One exception: when the database connection dies in
+the COMMIT itself, the row may have landed; the push then checks (and succeeds if it did), and
+where the database cannot answer it keeps the files (an unreferenced prefix is never read) rather
+than risk a row whose files are gone. Pushing again is safe: identical content is not duplicated.
+
+A database or artifact store that cannot be reached raises `StoreUnavailable` (503 on the
+server, exit 2 on the CLI), with nothing half-written.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +32,12 @@ from sqlalchemy import delete, func, insert, select, update
 
 from loraplex.adapters import sql
 from loraplex.adapters.artifacts import ArtifactStore
-from loraplex.adapters.errors import AdapterNotFound, BadRequest, Conflict
+from loraplex.adapters.errors import (
+    AdapterNotFound,
+    BadRequest,
+    Conflict,
+    StoreUnavailable,
+)
 from loraplex.adapters.fingerprint import inspect_base
 from loraplex.adapters.records import (
     AdapterVersion,
@@ -45,6 +58,7 @@ from loraplex.adapters.validate import validate_adapter_dir
 
 V, A, B = sql.versions_t, sql.aliases_t, sql.bases_t
 VCOLS = (V.c.id, V.c.state, V.c.record)  # what loading a version needs
+log = logging.getLogger("loraplex.registry")
 
 
 class _NoChange(Exception):
@@ -101,7 +115,11 @@ class Registry:
         self.max_adapter_bytes = max_adapter_bytes
         self.engine = sql.make_engine(self.url)
         self._versions = sql.VersionCache()
-        sql.migrate(self.engine)
+        try:
+            sql.migrate(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     @classmethod
     def open(cls, settings: RegistrySettings | None = None) -> Registry:
@@ -140,7 +158,7 @@ class Registry:
         return rec.model_copy(update={"created_at": now})
 
     def get_base(self, name: str) -> BaseModelRecord:
-        with self.engine.connect() as conn:
+        with sql.connect(self.engine) as conn:
             row = conn.execute(select(B).where(B.c.name == name)).first()
         if row is None:
             raise AdapterNotFound(f"no base model named {name!r}; register it with "
@@ -148,7 +166,7 @@ class Registry:
         return sql.to_base(row)
 
     def list_bases(self) -> list[BaseModelRecord]:
-        with self.engine.connect() as conn:
+        with sql.connect(self.engine) as conn:
             return [sql.to_base(r) for r in conn.execute(select(B).order_by(B.c.name))]
 
     def _pick_base(self, base: str | None, adapter_dir: Path) -> BaseModelRecord:
@@ -239,6 +257,14 @@ class Registry:
             uri = None if existing is not None else self.store.put(d, summary.files, name, content)
             try:
                 outcome = self._commit_push(row_values, uri, alias)
+            except StoreUnavailable as exc:
+                if uri is not None and getattr(exc, "commit_unknown", False):
+                    outcome = self._settle_unknown_commit(name, uri, alias, exc)
+                elif uri is not None:
+                    self.store.delete(uri)
+                    raise
+                else:
+                    raise
             except BaseException:
                 if uri is not None:
                     self.store.delete(uri)
@@ -292,8 +318,37 @@ class Registry:
             found = nc.args[0]
             return None if found is None else (found, False, None, 0)
 
+    def _settle_unknown_commit(self, name: str, uri: str, alias: str | None,
+                               exc: StoreUnavailable
+                               ) -> tuple[AdapterVersion, bool, Alias | None, int]:
+        """The COMMIT of a push failed with the connection: did the row land? Yes: the push
+        succeeded. No: undo the upload and raise. Cannot tell: keep the files (a prefix no row
+        names is never read; deleting them could orphan a committed row) and raise."""
+        try:
+            with sql.connect(self.engine) as conn:
+                row = conn.execute(select(*VCOLS).where(V.c.name == name,
+                                                        V.c.artifact_uri == uri)).first()
+                alias_row = (conn.execute(select(A).where(A.c.name == name, A.c.alias == alias))
+                             .first() if alias and row is not None else None)
+                revision = sql.get_revision(conn)
+        except StoreUnavailable:
+            log.warning("push of %r: the registry database failed during COMMIT and cannot be "
+                        "asked whether it landed; keeping %s", name, uri)
+            raise StoreUnavailable(
+                f"{exc.message} (during the COMMIT of this push of {name!r}: it may or may not "
+                f"have been recorded; `loraplex adapters list {name}` tells once the database "
+                "is back, and pushing again is safe: identical content is not duplicated)"
+            ) from exc
+        if row is None:
+            self.store.delete(uri)
+            raise exc
+        log.warning("push of %r: the COMMIT reported a lost connection but the version landed",
+                    name)
+        return (self._versions.get(row), True,
+                sql.to_alias(alias_row) if alias_row is not None else None, revision)
+
     def _find_content(self, name: str, content: str) -> AdapterVersion | None:
-        with self.engine.connect() as conn:
+        with sql.connect(self.engine) as conn:
             row = conn.execute(select(*VCOLS).where(
                 V.c.name == name, V.c.content_sha256 == content, V.c.state == "active")).first()
         return self._versions.get(row) if row is not None else None
@@ -308,7 +363,7 @@ class Registry:
     # -- reading ------------------------------------------------------------------------------
 
     def revision(self) -> int:
-        with self.engine.connect() as conn:
+        with sql.connect(self.engine) as conn:
             return sql.get_revision(conn)
 
     def list(self, name: str | None = None, include_archived: bool = False) -> list[AdapterVersion]:
@@ -317,14 +372,14 @@ class Registry:
             q = q.where(V.c.name == check_name(name))
         if not include_archived:
             q = q.where(V.c.state == "active")
-        with self.engine.connect() as conn:
+        with sql.connect(self.engine) as conn:
             return self._versions.get_all(conn.execute(q).all())
 
     def aliases(self, name: str | None = None) -> list[Alias]:
         q = select(A).order_by(A.c.name, A.c.alias)
         if name is not None:
             q = q.where(A.c.name == check_name(name))
-        with self.engine.connect() as conn:
+        with sql.connect(self.engine) as conn:
             return [sql.to_alias(r) for r in conn.execute(q)]
 
     def show(self, ref: str | Ref) -> AdapterVersion:
@@ -468,6 +523,13 @@ class Registry:
 
     def pull(self, ref: str | Ref, dest: str | Path) -> AdapterVersion:
         v = self.resolve(ref, include_archived=parse_ref(ref).version is not None)
-        self.fetch(v, dest)
+        try:
+            self.fetch(v, dest)
+        except OSError as exc:  # writing `dest` (reading the store raises StoreUnavailable)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise BadRequest(f"no space left writing {str(dest)!r} ({v.total_size} bytes "
+                                 "needed): free some space or pull elsewhere",
+                                 param="dest") from None
+            raise
         return v
 

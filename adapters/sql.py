@@ -6,13 +6,21 @@ row of `loraplex_meta` (the registry revision). On PostgreSQL that UPDATE takes 
 commit, on SQLite write transactions start with BEGIN IMMEDIATE; either way writers are
 serialized, so "max(version) + 1" cannot hand two pushers the same version, an alias move is one
 UPDATE of one row, and the revision a poller reads changes exactly when the data does.
+
+When the database cannot be reached (PostgreSQL down or restarting, a SQLite write lock held
+past the busy timeout, a full disk), every read and write here raises `StoreUnavailable` (HTTP
+503 with Retry-After; exit 2 on the CLI) naming the database, never a raw driver error. A write
+whose COMMIT itself failed is marked `commit_unknown`: the database may or may not have
+recorded it, and the caller must check before undoing anything (see `Registry.push`).
+A SQLite writer waits up to 60 s for another writer's lock; `?timeout=SECONDS` in the URL sets
+that wait (e.g. `sqlite:////var/lib/loraplex/registry.db?timeout=5`).
 """
 
 from __future__ import annotations
 
 import gc
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,15 +42,18 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from loraplex.adapters.errors import ConfigError
+from loraplex.adapters.errors import ConfigError, StoreUnavailable
 from loraplex.adapters.records import AdapterVersion, Alias, BaseModelRecord
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 VERSION_TABLE = "loraplex_alembic_version"
 _PG_MIGRATION_LOCK = 0x6C6F7261  # "lora": advisory lock id serializing concurrent upgrades
+SQLITE_BUSY_TIMEOUT_S = 60.0  # how long a SQLite writer waits for another writer's lock
+PG_CONNECT_TIMEOUT_S = 10  # a PostgreSQL host that does not answer fails a request in this time
 
 
 class Base(DeclarativeBase):
@@ -126,14 +137,19 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 60})
+        try:
+            busy_s = float(parsed.query.get("timeout", SQLITE_BUSY_TIMEOUT_S))
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid registry URL {url!r}: ?timeout= must be seconds, "
+                              "e.g. ?timeout=5") from None
+        engine = create_engine(url, connect_args={"timeout": busy_s})
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
             # Take transaction control away from pysqlite so BEGIN IMMEDIATE is ours to emit.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_s * 1000)}")
             cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
@@ -147,21 +163,83 @@ def make_engine(url: str) -> Engine:
         return engine
     if parsed.get_backend_name() != "postgresql":
         raise ConfigError(f"unsupported registry URL {url!r}: use sqlite:/// or postgresql+psycopg://")
-    return create_engine(url, pool_pre_ping=True)
+    # pre-ping: a pooled connection that died with the server (restart, failover) is replaced
+    # on the next checkout instead of failing a request.
+    return create_engine(url, pool_pre_ping=True,
+                         connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
+
+
+# -- unavailability ----------------------------------------------------------------------------
+
+# What a database that is down, restarting, locked or out of disk raises (never a bad query).
+_UNREACHABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError,
+                sa_exc.TimeoutError)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, _UNREACHABLE) or (
+        isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated))
+
+
+def unavailable(engine: Engine, exc: BaseException) -> StoreUnavailable:
+    """The StoreUnavailable to raise for a database error `exc` (password hidden)."""
+    url = engine.url.render_as_string(hide_password=True)
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    reason_s = reason[0] if reason else type(exc).__name__
+    if "locked" in reason_s:
+        reason_s += " (another process holds the write lock)"
+    return StoreUnavailable(f"the registry database {url} is unavailable: {reason_s}; "
+                            "retry when it is back")
+
+
+@contextmanager
+def translate_errors(engine: Engine) -> Iterator[None]:
+    """Turn database unavailability inside the block into StoreUnavailable."""
+    try:
+        yield
+    except Exception as exc:
+        if is_unreachable(exc):
+            raise unavailable(engine, exc) from exc
+        raise
+
+
+@contextmanager
+def connect(engine: Engine) -> Iterator[Connection]:
+    """A plain connection for reads; unavailability becomes StoreUnavailable."""
+    with translate_errors(engine), engine.connect() as conn:
+        yield conn
 
 
 @contextmanager
 def write_tx(engine: Engine) -> Iterator[Connection]:
-    """A serialized write transaction whose first act bumps the revision."""
-    with engine.execution_options(loraplex_write=True).begin() as conn:
-        yield conn
+    """A serialized write transaction whose first act bumps the revision.
+
+    StoreUnavailable if the database is unavailable; one raised by the COMMIT itself carries
+    `commit_unknown = True` (the connection died mid-commit: the write may have landed)."""
+    with translate_errors(engine), engine.execution_options(loraplex_write=True).connect() as conn:
+        trans = conn.begin()
+        try:
+            yield conn
+        except BaseException:
+            with suppress(Exception):  # a dead connection cannot roll back: the server does
+                trans.rollback()
+            raise
+        try:
+            trans.commit()
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            err = unavailable(engine, exc)
+            err.commit_unknown = True  # type: ignore[attr-defined]
+            raise err from exc
 
 
 @contextmanager
 def read_tx(engine: Engine) -> Iterator[Connection]:
     """A consistent read (one snapshot on PostgreSQL, one WAL snapshot on SQLite)."""
     opts = {"isolation_level": "REPEATABLE READ"} if engine.dialect.name == "postgresql" else {}
-    with engine.connect().execution_options(**opts) as conn, conn.begin():
+    with translate_errors(engine), engine.connect().execution_options(**opts) as conn, \
+            conn.begin():
         yield conn
 
 
@@ -176,7 +254,7 @@ def migrate(engine: Engine) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     script = ScriptDirectory.from_config(cfg)
     head = script.get_current_head()
-    with engine.connect() as conn:  # fast path: already at head, no write lock needed
+    with connect(engine) as conn:  # fast path: already at head, no write lock needed
         ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
         current = ctx.get_current_revision()
     if current == head:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import shutil
 import time
@@ -25,6 +26,8 @@ from loraplex.adapters.errors import (
     AdapterInvalid,
     AdapterNotFound,
     LoraplexError,
+    NotReady,
+    StoreUnavailable,
 )
 from loraplex.adapters.fingerprint import inspect_base
 from loraplex.adapters.records import AdapterVersion, BaseModelRecord, RegistrySnapshot
@@ -35,6 +38,9 @@ from loraplex.server.metrics import Metrics
 from loraplex.server.settings import ServerSettings
 
 log = logging.getLogger("loraplex.adapters")
+# How long a request naming an unknown adapter waits for the registry before a 503 (a database
+# that hangs instead of refusing must not hang requests).
+LOOKUP_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -64,6 +70,7 @@ class AdapterManager:
     async def refresh(self, force: bool = False) -> bool:
         """Re-read the snapshot if the revision moved. Returns whether it changed."""
         async with self._refresh_lock:
+            was_down = not self.registry_ok and self.snapshot.revision >= 0  # not the first
             try:
                 rev = await asyncio.to_thread(self.registry.revision)
                 if rev == self.snapshot.revision and not force:
@@ -77,6 +84,9 @@ class AdapterManager:
                                 self.snapshot.revision, exc)
                 self.registry_ok = False
                 return False
+            finally:
+                if was_down and self.registry_ok:
+                    log.info("registry reachable again (revision %s)", self.snapshot.revision)
         self.metrics.registry_revision.set(self.snapshot.revision)
         return True
 
@@ -98,15 +108,28 @@ class AdapterManager:
             await self.refresh()
 
     async def resolve(self, model: str, user: str | None) -> AdapterVersion | None:
-        """None for the base model; the adapter version otherwise (AdapterNotFound if none)."""
+        """None for the base model; the adapter version otherwise (AdapterNotFound if none).
+
+        StoreUnavailable (503) if the snapshot does not know `model` and the registry cannot
+        be asked: it may have been pushed since, so "not found" would be a guess."""
         if model == self.settings.served_model_name:
             return None
         try:
             try:
                 return self.snapshot.resolve(model, key=user)
-            except AdapterNotFound:
+            except AdapterNotFound as not_found:
                 # Maybe pushed after our last poll: look once more, now.
-                if not await self.refresh():
+                try:
+                    changed = await asyncio.wait_for(self.refresh(), LOOKUP_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    changed = False
+                    self.registry_ok = False
+                if not self.registry_ok:
+                    raise StoreUnavailable(
+                        f"{model!r} is not in this server's registry view (revision "
+                        f"{self.snapshot.revision}) and the registry database cannot be reached "
+                        "to look it up; retry shortly") from not_found
+                if not changed:
                     raise
                 return self.snapshot.resolve(model, key=user)
         except LoraplexError as exc:
@@ -132,6 +155,8 @@ class AdapterManager:
         t0 = time.perf_counter()
         labels = (v.name, str(v.version))
         try:
+            if not getattr(self.engine, "ready", True):
+                raise RuntimeError("the engine is not running")  # no download for nothing
             self._check_compatible(v)
             path = await asyncio.to_thread(self._local_copy, v)
             ref = LoraRef(name=v.name, version=v.version, int_id=v.lora_int_id, path=str(path))
@@ -143,14 +168,26 @@ class AdapterManager:
             fut.set_result(ref)
         except Exception as exc:
             self.metrics.loads.labels(*labels, "error").inc()
-            if not isinstance(exc, (AdapterInvalid, AdapterNotFound)):
-                log.exception("loading %s failed", v.ref)
-                exc = AdapterInvalid(f"adapter {v.ref} could not be loaded: {exc}", param="model")
+            exc = self._load_error(v, exc)
             fut.set_exception(exc)
             fut.exception()  # mark retrieved: nobody may be waiting any more
         finally:
             self._loading.pop(v.lora_int_id, None)
         self._evict_disk()
+
+    def _load_error(self, v: AdapterVersion, exc: Exception) -> LoraplexError:
+        """What a request waiting for a failed load is told."""
+        if isinstance(exc, (AdapterInvalid, AdapterNotFound, NotReady)):
+            # the adapter itself (400 / 404), or the store or cache disk (503, retry)
+            log.warning("loading %s failed: %s", v.ref, exc.message)
+            exc.param = "model"  # the request field that named it
+            return exc
+        if not getattr(self.engine, "ready", True):
+            log.error("loading %s failed: the engine is not running (%s)", v.ref, exc)
+            return NotReady(f"adapter {v.ref} cannot be loaded: the inference engine is not "
+                            "running", param="model")
+        log.exception("loading %s failed", v.ref, exc_info=exc)
+        return AdapterInvalid(f"adapter {v.ref} could not be loaded: {exc}", param="model")
 
     def _check_compatible(self, v: AdapterVersion) -> None:
         problems = []
@@ -170,11 +207,31 @@ class AdapterManager:
         return self.settings.cache_dir / f"{v.name}@{v.version}-{v.content_sha256[:16]}"
 
     def _local_copy(self, v: AdapterVersion) -> Path:
-        """Disk cache hit, or fetch (sha256-verified) into a temp dir, validate, rename."""
+        """Disk cache hit, or fetch (sha256-verified) into a temp dir, validate, rename.
+
+        Nothing but a whole, verified copy ever appears under its cache name; a failed fetch
+        leaves nothing. A full disk evicts unused cached adapters and tries once more."""
         d = self._cache_path(v)
         if d.exists():
             d.touch()  # LRU by mtime
             return d
+        try:
+            return self._fetch_into_cache(v, d)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            freed = self._evict_disk(need_free=v.total_size + (1 << 16))
+            log.warning("adapter cache %s is full loading %s: evicted %d bytes, retrying",
+                        self.settings.cache_dir, v.ref, freed)
+        try:
+            return self._fetch_into_cache(v, d)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise NotReady(f"adapter {v.ref} cannot be loaded: this server's adapter cache "
+                           f"disk ({self.settings.cache_dir}) is full; retry shortly") from exc
+
+    def _fetch_into_cache(self, v: AdapterVersion, d: Path) -> Path:
         tmp = d.with_name(d.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -187,18 +244,27 @@ class AdapterManager:
             raise
         return d
 
-    def _evict_disk(self) -> None:
-        dirs = [p for p in self.settings.cache_dir.iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+    def _evict_disk(self, need_free: int = 0) -> int:
+        """LRU-evict cached adapters not in use: down to `adapter_cache_bytes`, and further
+        until `need_free` bytes are free on the cache's disk. Returns the bytes removed."""
+        cache = self.settings.cache_dir
+        # Only whole cached copies: not `.partial` fetches or their `.NAME.tmp-*` downloads.
+        dirs = [p for p in cache.iterdir() if p.is_dir() and not p.name.endswith(".partial")
+                and not p.name.startswith(".")]
         sizes = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in dirs}
         total = sum(sizes.values())
-        in_use = {Path(x.ref.path) for x in self.loaded.values()}
+        in_use = {Path(x.ref.path) for x in list(self.loaded.values())}  # runs in a thread
+        removed = 0
         for p in sorted(dirs, key=lambda p: p.stat().st_mtime):
-            if total <= self.settings.adapter_cache_bytes:
+            if total <= self.settings.adapter_cache_bytes and (
+                    not need_free or shutil.disk_usage(cache).free >= need_free):
                 break
             if p in in_use:
                 continue
             shutil.rmtree(p, ignore_errors=True)
             total -= sizes[p]
+            removed += sizes[p]
+        return removed
 
     # -- admin verbs ----------------------------------------------------------------------
     async def pin(self, v: AdapterVersion) -> LoraRef:

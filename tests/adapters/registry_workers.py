@@ -86,3 +86,22 @@ def open_worker(url: str, artifacts: str, barrier: Any, out: Any) -> None:
         reg.close()
     except BaseException as exc:
         out.put(("error", repr(exc)))
+
+
+def push_same_worker(url: str, artifacts: str, adapter: str, name: str, alias: str | None,
+                     barrier: Any, out: Any) -> None:
+    """Push `adapter` (the same content as the other worker) once, right after the barrier."""
+    from loraplex.adapters.registry import Registry
+
+    try:
+        reg = Registry(url, artifacts)
+        work = Path(tempfile.mkdtemp(prefix="push-same-"))
+        d = work / "a"
+        shutil.copytree(adapter, d)
+        barrier.wait(timeout=60)
+        res = reg.push(d, name, alias=alias)
+        reg.close()
+        shutil.rmtree(work, ignore_errors=True)
+        out.put(("ok", (res.version.version, res.created)))
+    except BaseException as exc:  # report instead of dying silently
+        out.put(("error", repr(exc)))

@@ -1,6 +1,8 @@
 """Concurrent writers and readers across processes (multiprocessing, spawn).
 
 - Two processes pushing versions of one name at once get distinct versions and lose nothing.
+- Two processes pushing the same content under one name at once get one version between them
+  (one creates it, the other is told it exists) and leave one artifact prefix, not two.
 - While another process moves an alias back and forth, readers only ever see whole states:
   the alias target always matches the revision it was read with, and always exists.
 """
@@ -78,6 +80,32 @@ def test_concurrent_pushes_get_distinct_versions(backend: str, make_registry: Ca
     for v in list(rows.values())[:3]:  # artifacts intact and verifiable
         reg.fetch(v, tmp_path / f"v{v.version}")
         assert (tmp_path / f"v{v.version}" / "NOTES.txt").read_text() == v.description
+
+
+@pytest.mark.parametrize("backend", DBS)
+def test_concurrent_pushes_of_the_same_content_make_one_version(
+        backend: str, make_registry: Callable[..., Registry], models: dict, tmp_path: Path
+) -> None:
+    """Fault drill 7 (docs/reliability.md): the same adapter pushed twice at once (a retried
+    CI job racing the first run). Expected: one version, created by one push; the other is told
+    it exists (alias moved all the same); exactly one artifact prefix; it fetches and verifies."""
+    from registry_workers import stored_files
+
+    reg = make_registry(backend)
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=registry_workers.push_same_worker,
+                         args=(reg.url, reg.store.url, str(models["adapter"]), "bot", "prod",
+                               barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(_collect(out, procs, 2), key=lambda r: not r[1])
+    assert results == [(1, True), (1, False)]
+    (v,) = reg.list("bot")
+    assert reg.resolve("bot:prod").version == 1
+    files = stored_files(reg)
+    assert len({f.split("/files/")[0] for f in files if "/files/" in f}) == 1, files
+    reg.fetch(v, tmp_path / "v1")
 
 
 @pytest.mark.parametrize("backend", DBS)
