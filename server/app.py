@@ -6,10 +6,11 @@ with a fake engine; `loraplex serve` passes the vLLM one.
 
 from __future__ import annotations
 
-import hmac
+import asyncio
+import contextlib
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,7 +18,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.adapters.errors import (
-    AuthenticationError,
     BadRequest,
     LoraplexError,
     NotReady,
@@ -25,6 +25,7 @@ from loraplex.adapters.errors import (
 )
 from loraplex.adapters.registry import Registry
 from loraplex.server.admin import build_admin_router
+from loraplex.server.auth import KeyStore, Limiter, require
 from loraplex.server.interface import Engine
 from loraplex.server.lora_manager import AdapterManager
 from loraplex.server.metrics import Metrics
@@ -43,52 +44,70 @@ class State:
     manager: AdapterManager | None = None
     serving: OpenAIServing | None = None
     draining: bool = False
+    limiter: Limiter = field(default_factory=Limiter)
 
 
-def _key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
-
-
-def _matches(given: str | None, keys) -> bool:
-    # Constant-time comparison: no key-guessing by timing.
-    return given is not None and any(hmac.compare_digest(given, k.get_secret_value()) for k in keys)
+async def _reload_keys(keys: KeyStore, every_s: float) -> None:
+    """A rotated keys file takes effect without a restart (a bad edit keeps the old keys)."""
+    while True:
+        await asyncio.sleep(every_s)
+        await asyncio.to_thread(keys.maybe_reload)
 
 
 def create_app(settings: ServerSettings, engine: Engine, registry: Registry | None = None) -> FastAPI:
     state = State(settings=settings, engine=engine, metrics=Metrics())
+    keys = KeyStore.from_settings(settings)  # a bad keys file stops the start, named
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
         reg = registry or Registry.open(settings)
         state.manager = AdapterManager(settings, reg, engine, state.metrics)
-        state.serving = OpenAIServing(settings, engine, state.manager, state.metrics)
+        state.serving = OpenAIServing(settings, engine, state.manager, state.metrics,
+                                      state.limiter)
         await state.manager.start()
         log.info("serving %s (%s) on registry revision %s", settings.served_model_name,
                  settings.model, state.manager.snapshot.revision)
+        reload = (asyncio.create_task(_reload_keys(keys, settings.poll_interval_s))
+                  if settings.keys_file else None)
         yield
+        if reload is not None:
+            reload.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reload
         state.draining = True
         await state.manager.stop()
         await engine.stop()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.loraplex = state
+    from loraplex.server.openapi import install_openapi
+
+    install_openapi(app)  # /openapi.json: refs resolvable, OpenAI-shaped errors (server/openapi.py)
+    # Body size limits (server/limits.py): a 413 before a body is read (Content-Length) or
+    # once a chunked one crosses the limit, before any route or dependency reads it.
+    from loraplex.server.limits import BodyLimitMiddleware
+
+    app.add_middleware(BodyLimitMiddleware, max_request_bytes=settings.max_request_bytes,
+                       max_upload_bytes=settings.max_upload_bytes)
 
     async def require_key(request: Request) -> None:
-        if settings.api_keys and not _matches(_key(request), settings.api_keys):
-            raise AuthenticationError("missing or wrong API key: send `Authorization: Bearer <key>`")
+        """The /v1 routes: a key with the `infer` scope (any request when no key is
+        configured); its principal rides on the request for visibility and limits."""
+        principal = keys.authenticate(request.headers.get("authorization"))
+        require(principal, "infer")
+        request.state.principal = principal
         if state.serving is None:
             raise NotReady("the engine is still starting; retry shortly")
 
     async def require_admin(request: Request) -> None:
-        if settings.admin_key is None:
-            raise PermissionDenied("admin routes are off: set LORAPLEX_ADMIN_KEY to enable them")
-        given = _key(request)
-        if given is None:
-            raise AuthenticationError("admin routes need `Authorization: Bearer <admin key>`")
-        if not _matches(given, [settings.admin_key]):
-            raise PermissionDenied("this key is not the admin key")
+        """The /admin routes: a key with the `admin` scope, always (also when /v1 is open)."""
+        if not keys.any_with("admin"):
+            raise PermissionDenied("admin routes are off: set LORAPLEX_ADMIN_KEY (or give a key "
+                                   "the admin scope in LORAPLEX_KEYS_FILE) to enable them")
+        principal = keys.authenticate(request.headers.get("authorization"), anonymous=False)
+        require(principal, "admin")
+        request.state.principal = principal
         if state.manager is None:
             raise NotReady("the engine is still starting; retry shortly")
 
@@ -97,7 +116,13 @@ def create_app(settings: ServerSettings, engine: Engine, registry: Registry | No
 
     @app.get("/health")
     async def health():
-        """The process is alive (liveness)."""
+        """The process and its engine are alive (liveness): 503 once the engine has died, so
+        the orchestrator restarts the pod (vLLM does not restart a dead engine core)."""
+        try:
+            await asyncio.wait_for(engine.check_health(), timeout=5.0)
+        except Exception as exc:
+            log.error("health check failed: the engine is dead: %r", exc)
+            return JSONResponse({"status": "engine_dead", "error": repr(exc)}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/ready")

@@ -86,6 +86,21 @@ class ServerSettings(RegistrySettings):
     # -- admission --
     max_queue: int = Field(default=256, ge=1, description="In-flight requests before 429.")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: wait for streams.")
+    # -- request size (413 before the body is read; counted while streaming when chunked) --
+    max_request_bytes: int = Field(
+        default=16 << 20, ge=1, description="Largest request body in bytes, on every route but the admin upload."
+    )
+    max_upload_bytes: int = Field(
+        default=2 << 30, ge=1, description="Largest admin upload (POST /admin/adapters archive) in bytes."
+    )
+    # -- access control (server/auth.py, docs/security.md) --
+    keys_file: Path | None = Field(
+        default=None, description="YAML/JSON file of hashed API keys with scopes, visible adapters "
+        "and limits; re-read when it changes."
+    )
+    keys_inline: SecretStr | None = Field(
+        default=None, description="The keys file's content as a string (from a Secret)."
+    )
 
     @field_validator("api_keys", "preload", mode="before")
     @classmethod

@@ -67,18 +67,34 @@ def _first_lone_surrogate(data: Any) -> str | None:
 
 
 def _schema(model: type[BaseModel]) -> dict:
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": model.model_json_schema(by_alias=True)}}}}
+    """The request body (parsed by hand, so FastAPI does not see it) as `openapi_extra`: a
+    `$ref` to the model in components/schemas, the model and its sub-models riding along in
+    `$defs`, which server/openapi.py hoists into components/schemas."""
+    ref = "#/components/schemas/{model}"
+    schema = model.model_json_schema(by_alias=True, ref_template=ref)
+    defs = {**schema.pop("$defs", {}), model.__name__: schema}
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": ref.format(model=model.__name__), "$defs": defs}}}}}
+
+
+# The generation routes answer JSON, or server-sent events with `stream: true`.
+_STREAMED = {200: {"description": "A JSON body, or with `stream: true` server-sent events "
+                                  "(`data: {chunk}` lines, an error event if it fails, then "
+                                  "`data: [DONE]`)",
+                   "content": {"application/json": {},
+                               "text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 def build_router(state, require_key) -> APIRouter:
     r = APIRouter(dependencies=[Depends(require_key)])
 
-    @r.post("/v1/chat/completions", openapi_extra=_schema(ChatCompletionRequest))
+    @r.post("/v1/chat/completions", responses=_STREAMED,
+            openapi_extra=_schema(ChatCompletionRequest))
     async def chat_completions(request: Request):
         return await state.serving.chat(await parse_body(request, ChatCompletionRequest), request)
 
-    @r.post("/v1/completions", openapi_extra=_schema(CompletionRequest))
+    @r.post("/v1/completions", responses=_STREAMED,
+            openapi_extra=_schema(CompletionRequest))
     async def completions(request: Request):
         return await state.serving.completion(await parse_body(request, CompletionRequest), request)
 
@@ -86,12 +102,17 @@ def build_router(state, require_key) -> APIRouter:
     async def render(request: Request):
         """The prompt and token ids a chat request would be sent to the engine with."""
         req = await parse_body(request, RenderRequest)
+        state.serving.check_visible(req.model, request)
         version = await state.manager.resolve(req.model, None)
         return state.serving.render(req, version)
 
     @r.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": list_models(state)}
+    async def models(request: Request):
+        principal = getattr(request.state, "principal", None)
+        data = list_models(state)
+        if principal is not None:  # a key sees only the adapters it may use
+            data = [m for m in data if principal.can_see(m["id"])]
+        return {"object": "list", "data": data}
 
     return r
 

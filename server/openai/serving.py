@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +21,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraplex.adapters import chat
 from loraplex.adapters.errors import BadRequest, CapacityExceeded, LoraplexError
-from loraplex.adapters.records import AdapterVersion
+from loraplex.adapters.records import AdapterVersion, not_found_name
+from loraplex.server.auth import Limiter, Permit, Principal
 from loraplex.server.interface import Chunk, Engine, GenRequest, SamplingSpec, TokenLogprob
 from loraplex.server.lora_manager import AdapterManager
 from loraplex.server.metrics import Metrics
@@ -39,8 +41,10 @@ class InFlight:
     included): counted in the in-flight gauge and `max_queue` exactly once, and recorded in
     the requests counter exactly once, whatever ends it."""
 
-    def __init__(self, serving: OpenAIServing, labels: tuple[str, str], endpoint: str):
+    def __init__(self, serving: OpenAIServing, labels: tuple[str, str], endpoint: str,
+                 permit: Permit | None = None):
         self.serving, self.labels, self.endpoint = serving, labels, endpoint
+        self.permit = permit  # the key's concurrency slot (server/auth.py), if it has a limit
         self.t0 = time.perf_counter()
         self.recorded = self.released = False
         serving.in_flight += 1
@@ -56,6 +60,8 @@ class InFlight:
             return
         self.released = True
         self.record("499")  # nothing else recorded it: the client left before the body began
+        if self.permit is not None:
+            self.permit.release()
         self.serving.in_flight -= 1
         self.serving.metrics.in_flight.dec()
         self.serving.metrics.latency.labels(*self.labels).observe(time.perf_counter() - self.t0)
@@ -79,11 +85,12 @@ class _GuardedStream(StreamingResponse):
 
 class OpenAIServing:
     def __init__(self, settings: ServerSettings, engine: Engine, manager: AdapterManager,
-                 metrics: Metrics):
+                 metrics: Metrics, limiter: Limiter | None = None):
         self.settings = settings
         self.engine = engine
         self.manager = manager
         self.metrics = metrics
+        self.limiter = limiter
         self.tokenizer = chat.load_tokenizer(settings.model)
         self.base_template = chat.resolve_template(None, settings.model)
         self.in_flight = 0
@@ -115,15 +122,26 @@ class OpenAIServing:
                 "prompt or lower max_tokens", param=param, code="context_length_exceeded")
         return max_new if max_new is not None else room
 
-    def _admit(self, version: AdapterVersion | None, endpoint: str) -> InFlight:
-        """Admission: refused (429) at `max_queue` requests in flight, else counted until the
-        response is done. Comes after every check that needs no adapter weights and before the
-        adapter is loaded, so a cold load is bounded by `max_queue` too."""
+    def _admit(self, version: AdapterVersion | None, endpoint: str,
+               principal: Principal | None) -> InFlight:
+        """Admission: refused (429) at `max_queue` requests in flight or over the key's rate or
+        concurrency limit, else counted until the response is done. Comes after every check
+        that needs no adapter weights and before the adapter is loaded, so a cold load is
+        bounded by `max_queue` too."""
         if self.in_flight >= self.settings.max_queue:
             raise CapacityExceeded(
                 f"{self.in_flight} requests are in flight, the limit (max_queue) is "
                 f"{self.settings.max_queue}: retry with backoff")
-        return InFlight(self, self._labels(version), endpoint)
+        permit = (self.limiter.acquire(principal)
+                  if self.limiter is not None and principal is not None else None)
+        return InFlight(self, self._labels(version), endpoint, permit)
+
+    @staticmethod
+    def check_visible(model: str, raw: Request) -> None:
+        """An adapter outside the key's set does not exist for it: the unknown-name 404."""
+        principal: Principal | None = getattr(raw.state, "principal", None)
+        if principal is not None and not principal.can_see(model):
+            raise not_found_name(re.split("[@:]", model, maxsplit=1)[0])
 
     def _labels(self, v: AdapterVersion | None) -> tuple[str, str]:
         return (v.name, str(v.version)) if v else (self.settings.served_model_name, "base")
@@ -133,6 +151,7 @@ class OpenAIServing:
     # everything the engine would refuse -> admit and count -> load the adapter -> generate.
     # So a malformed request for a cold adapter never downloads it.
     async def chat(self, req: ChatCompletionRequest, raw: Request):
+        self.check_visible(req.model, raw)
         version = await self.manager.resolve(req.model, req.user)
         rendered, _, stop_ids = self._render(version, req.messages)
         ids = rendered.token_ids
@@ -154,6 +173,7 @@ class OpenAIServing:
         if len(prompts) != 1:
             raise BadRequest("send one prompt per request (batches of prompts are not supported)",
                              param="prompt")
+        self.check_visible(req.model, raw)
         version = await self.manager.resolve(req.model, req.user)
         ids = prompts[0]
         sampling = self._sampling(req, self._budget(len(ids), req.max_tokens, "max_tokens"))
@@ -163,7 +183,8 @@ class OpenAIServing:
 
     async def _run(self, gen: GenRequest, req, version, raw: Request, kind: str):
         self.engine.check(gen)  # what the engine would refuse is a 400 here, not a dead stream
-        guard = self._admit(version, "chat" if kind == "chat" else "completions")
+        guard = self._admit(version, "chat" if kind == "chat" else "completions",
+                            getattr(raw.state, "principal", None))
         try:
             gen.lora = await self.manager.ensure_loaded(version) if version else None
             return await self._respond(gen, req, raw, kind, guard)

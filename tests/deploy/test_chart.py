@@ -32,7 +32,7 @@ helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk")
 KUBE_VERSIONS = ["1.29.0", "1.33.0"]
 FULLNAME = f"{RELEASE}-loraplex"
 # ServerSettings fields the chart takes from Secrets only (never into a ConfigMap).
-SECRET_ONLY = {"s3_secret", "api_keys", "admin_key"}
+SECRET_ONLY = {"s3_secret", "api_keys", "admin_key", "keys_inline"}
 FIELDS = set(ServerSettings.model_fields)
 REGISTRY_FIELDS = set(RegistrySettings.model_fields)
 
@@ -375,6 +375,8 @@ SET_ALL = {
     "distributed_executor_backend": "mp", "trust_remote_code": True, "revision": "v1.2",
     "engine_args": {"block_size": 32, "hf_overrides": {"rope_theta": 500000.5},
                     "async_scheduling": True, "tokenizer_mode": "slow"},
+    "max_request_bytes": 1 << 20, "max_upload_bytes": 3 << 30, "keys_file": "/etc/lp/keys.yaml",
+    "keys_inline": "keys: []",
 }
 
 
@@ -400,7 +402,7 @@ def test_every_server_setting_is_settable_and_parses_back(render, monkeypatch):
         elif isinstance(got, list):
             got = [x.get_secret_value() if hasattr(x, "get_secret_value") else x for x in got]
             want = want.split(",") if isinstance(want, str) else want
-        elif f in ("home", "model", "adapter_cache_dir"):
+        elif f in ("home", "model", "adapter_cache_dir", "keys_file"):
             got = str(got)
         assert got == want, f
     # the derived pod fields follow the settings
