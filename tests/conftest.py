@@ -107,6 +107,13 @@ def test_loras(toy_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
+def one_step_lora(toy_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One optimizer step of `upper`: a valid adapter file in seconds, for tests whose
+    adapter's outputs do not matter (routing, auth, validation, rendering)."""
+    return train_test_lora(toy_model_dir, tmp_path_factory.mktemp("lora") / "a", "upper", steps=1)
+
+
+@pytest.fixture(scope="session")
 def lora_trainer():
     """`lora_trainer(base_dir, out_dir, task, rank=8, steps=60)` -> a quick PEFT adapter dir."""
     return train_test_lora

@@ -177,12 +177,6 @@ def test_setup_errors_exit_2_with_nothing_on_stdout(toy_model_dir, tmp_path, mon
         assert r.out == "" and r.err.startswith("error: "), (args, r.err)
 
 
-@pytest.fixture(scope="module")
-def one_step_lora(toy_model_dir, lora_trainer, tmp_path_factory):
-    """A valid adapter file in seconds (its outputs do not matter here)."""
-    return lora_trainer(toy_model_dir, tmp_path_factory.mktemp("lora") / "a", "upper", steps=1)
-
-
 def test_server_render_gives_the_cli_ids(toy_model_dir, one_step_lora, tmp_path, monkeypatch,
                                          capsys):
     """/v1/render (the server's prompt for a request) and `loraplex render` agree, for the base

@@ -27,11 +27,6 @@ KEYS = {"team-a": "key-team-a", "team-b": "key-team-b", "slow": "key-slow",
         "narrow": "key-narrow"}
 
 
-@pytest.fixture(scope="module")
-def one_step_lora(toy_model_dir, lora_trainer, tmp_path_factory):
-    return lora_trainer(toy_model_dir, tmp_path_factory.mktemp("lora") / "a", "upper", steps=1)
-
-
 @pytest.fixture
 def app_and_engine(tmp_path, toy_model_dir, one_step_lora):
     registry = Registry(f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "art"))

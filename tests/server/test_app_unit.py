@@ -79,17 +79,11 @@ class FakeEngine:
         pass
 
 
-@pytest.fixture(scope="module")
-def untrained_lora(toy_model_dir, lora_trainer, tmp_path_factory):
-    """One optimizer step: a valid adapter file in seconds (its outputs do not matter here)."""
-    return lora_trainer(toy_model_dir, tmp_path_factory.mktemp("lora") / "a", "upper", steps=1)
-
-
 @pytest.fixture
-def app_and_engine(tmp_path, toy_model_dir, untrained_lora):
+def app_and_engine(tmp_path, toy_model_dir, one_step_lora):
     registry = Registry(f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "art"))
     registry.register_base("toy", toy_model_dir)
-    registry.push(untrained_lora, "upper", base="toy")
+    registry.push(one_step_lora, "upper", base="toy")
     settings = ServerSettings(home=tmp_path, model=toy_model_dir, served_model_name="toy",
                               api_keys=["k1"], admin_key="adm", max_queue=2, max_lora_rank=8)
     engine = FakeEngine()

@@ -21,7 +21,7 @@ from loraplex.adapters.registry import Registry
 from loraplex.server.app import create_app
 from loraplex.server.openapi import ERROR_SCHEMA
 from loraplex.server.settings import ServerSettings
-from tests.server.test_app_unit import FakeEngine, untrained_lora  # noqa: F401  (a fixture)
+from tests.server.test_app_unit import FakeEngine
 
 # Examples per operation: valid (steered in part to real models) and invalid bodies; the
 # body-less GETs have little to vary.
@@ -33,11 +33,11 @@ ERROR_STATUSES = ("400", "401", "403", "404", "413", "429", "503")
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory, toy_model_dir, untrained_lora):  # noqa: F811
+def client(tmp_path_factory, toy_model_dir, one_step_lora):
     tmp = tmp_path_factory.mktemp("openapi")
     registry = Registry(f"sqlite:///{tmp / 'r.db'}", str(tmp / "art"))
     registry.register_base("toy", toy_model_dir)
-    registry.push(untrained_lora, "upper", base="toy")
+    registry.push(one_step_lora, "upper", base="toy")
     settings = ServerSettings(home=tmp, model=toy_model_dir, served_model_name="toy",
                               api_keys=["k1"], admin_key="adm", max_queue=2, max_lora_rank=8)
     with TestClient(create_app(settings, FakeEngine(), registry=registry)) as c:

@@ -23,11 +23,6 @@ from loraplex.server.settings import ServerSettings
 from .test_app_unit import FakeEngine
 
 
-@pytest.fixture(scope="module")
-def one_step_lora(toy_model_dir, lora_trainer, tmp_path_factory):
-    return lora_trainer(toy_model_dir, tmp_path_factory.mktemp("lora") / "a", "upper", steps=1)
-
-
 def make_app(tmp_path, toy_model_dir, lora, engine, **settings):
     registry = Registry(f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "art"))
     registry.register_base("toy", toy_model_dir)
