@@ -23,6 +23,7 @@ from loraplex.adapters.errors import (
     NotReady,
     PermissionDenied,
 )
+from loraplex.adapters.records import not_found_name
 from loraplex.adapters.registry import Registry
 from loraplex.server.admin import build_admin_router
 from loraplex.server.auth import KeyStore, Limiter, require
@@ -101,12 +102,24 @@ def create_app(settings: ServerSettings, engine: Engine, registry: Registry | No
             raise NotReady("the engine is still starting; retry shortly")
 
     async def require_admin(request: Request) -> None:
-        """The /admin routes: a key with the `admin` scope, always (also when /v1 is open)."""
-        if not keys.any_with("admin"):
-            raise PermissionDenied("admin routes are off: set LORAPLEX_ADMIN_KEY (or give a key "
-                                   "the admin scope in LORAPLEX_KEYS_FILE) to enable them")
+        """The /admin routes, always with a key (also when /v1 is open): registering a version
+        (POST /admin/adapters) needs `push`, everything else `admin`; either way only for the
+        adapters the key may see."""
+        register = request.method == "POST" and request.url.path.rstrip("/") == "/admin/adapters"
+        scope = "push" if register else "admin"
+        if not keys.any_with(scope):
+            raise PermissionDenied(f"admin routes that need the {scope!r} scope are off: set "
+                                   f"LORAPLEX_ADMIN_KEY (or give a key the {scope} scope in "
+                                   "LORAPLEX_KEYS_FILE) to enable them")
         principal = keys.authenticate(request.headers.get("authorization"), anonymous=False)
-        require(principal, "admin")
+        require(principal, scope)
+        name = request.query_params.get("name") if register else (
+            request.path_params.get("ref") or request.path_params.get("name"))
+        if name and not principal.can_see(name):
+            if register:  # a new name has nothing to hide
+                raise PermissionDenied(f"key {principal.name!r} may not push adapter {name!r}: "
+                                       "it is outside the adapters this key may use")
+            raise not_found_name(name.split("@")[0].split(":")[0])
         request.state.principal = principal
         if state.manager is None:
             raise NotReady("the engine is still starting; retry shortly")

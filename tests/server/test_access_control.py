@@ -107,6 +107,20 @@ def test_no_admin_action_without_the_admin_scope(app_and_engine):
     assert r.status_code == 401
 
 
+def test_push_scope_registers_only_its_own_adapters(app_and_engine, one_step_lora):
+    client, _, _ = app_and_engine
+    uri = str(one_step_lora)
+    r = client.post(f"/admin/adapters?name=team-b-new&uri={uri}", headers=as_key("team-b"))
+    assert r.status_code == 200, r.text
+    r = client.post(f"/admin/adapters?name=team-a-new&uri={uri}", headers=as_key("team-b"))
+    assert r.status_code == 403 and "outside the adapters" in r.json()["error"]["message"]
+    r = client.post(f"/admin/adapters?name=team-a-new&uri={uri}", headers=as_key("team-a"))
+    assert r.status_code == 403  # infer only: no push
+    # push is not admin: team-b cannot load even its own adapter
+    assert client.post("/admin/adapters/team-b-bot/load",
+                       headers=as_key("team-b")).status_code == 403
+
+
 def test_rate_limit_answers_429_with_retry_after(app_and_engine):
     client, _, _ = app_and_engine
     body = {"model": "toy", "messages": [{"role": "user", "content": "hi"}]}
