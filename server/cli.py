@@ -128,6 +128,9 @@ def serve(args: argparse.Namespace) -> int:
     # was installed before it: with the default one a cleanly drained server would die with
     # status 143, so that handler exits 0 instead (also for a SIGTERM before uvicorn starts).
     signal.signal(signal.SIGTERM, _exit_clean)
+    # Keep idle connections longer than clients and load balancers do (httpx 5 s, AWS ALB 60 s):
+    # with uvicorn's default of 5 s, a client reusing a connection just as the server closes
+    # it gets a reset (seen in the soak: benchmarks/soak.py, docs/soak.md).
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=settings.drain_timeout_s)
+                timeout_graceful_shutdown=settings.drain_timeout_s, timeout_keep_alive=75)
     return 0
