@@ -24,7 +24,7 @@ import pytest
 
 from loraplex.adapters.errors import PayloadTooLarge
 from loraplex.adapters.registry import Registry
-from loraplex.server import admin
+from loraplex.server import archives
 from loraplex.server.app import create_app
 from loraplex.server.settings import ServerSettings
 from tests.server.test_app_unit import FakeEngine
@@ -281,12 +281,12 @@ def test_extraction_enforces_the_cap_while_writing(tmp_path):
     """Headers that pass but content that does not: the byte count while writing stops it."""
     archive = tmp_path / "a.zip"
     archive.write_bytes(zip_ok(("adapter/w", b"\0" * 5000, None)))
-    plan = admin._zip_plan(archive, 100, 1 << 20)
+    plan = archives._zip_plan(archive, 100, 1 << 20)
     plan.max_bytes = 3000  # as if the headers had understated the sizes
     (tmp_path / "x").mkdir()
     with pytest.raises(PayloadTooLarge, match="'adapter/w' brings the uncompressed size while "
                        "extracting to 5021 bytes, over the limit of 3000"):
-        admin._zip_extract(archive, tmp_path / "x", plan)
+        archives._zip_extract(archive, tmp_path / "x", plan)
 
 
 def test_route_enforces_the_upload_limit_without_the_middleware(tmp_path, toy_model_dir,
