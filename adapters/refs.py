@@ -85,6 +85,12 @@ def check_alias(value: object) -> str:
     return alias
 
 
+def ref_name(model: str) -> str:
+    """The adapter name a reference names (`words` of `words@3` / `words:prod`), without
+    checking it: for visibility checks, which must answer the same for valid and invalid refs."""
+    return re.split(r"[@:]", model, maxsplit=1)[0]
+
+
 def parse_ref(s: str | Ref) -> Ref:
     """Parse `name`, `name@3` or `name:alias` into a `Ref`; BadRequest on anything else."""
     if isinstance(s, Ref):

@@ -24,6 +24,7 @@ from loraplex.adapters.errors import (
     PermissionDenied,
 )
 from loraplex.adapters.records import not_found_name
+from loraplex.adapters.refs import ref_name
 from loraplex.adapters.registry import Registry
 from loraplex.server.admin import build_admin_router
 from loraplex.server.auth import KeyStore, Limiter, require
@@ -119,7 +120,7 @@ def create_app(settings: ServerSettings, engine: Engine, registry: Registry | No
             if register:  # a new name has nothing to hide
                 raise PermissionDenied(f"key {principal.name!r} may not push adapter {name!r}: "
                                        "it is outside the adapters this key may use")
-            raise not_found_name(name.split("@")[0].split(":")[0])
+            raise not_found_name(ref_name(name))
         request.state.principal = principal
         if state.manager is None:
             raise NotReady("the engine is still starting; retry shortly")

@@ -78,6 +78,7 @@ from loraplex.adapters.errors import (
     ConfigError,
     PermissionDenied,
 )
+from loraplex.adapters.refs import ref_name
 
 log = logging.getLogger("loraplex.server.auth")
 
@@ -141,7 +142,7 @@ class Principal:
         the base model? False means: treat it as nonexistent (404, absent from /v1/models)."""
         if model in self.base_names:
             return "infer" in self.scopes
-        name = re.split(r"[@:]", model, maxsplit=1)[0]
+        name = ref_name(model)
         return bool(name) and any(fnmatch.fnmatchcase(name, p) for p in self.adapters)
 
     @property

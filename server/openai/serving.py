@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loraplex.adapters import chat
 from loraplex.adapters.errors import BadRequest, CapacityExceeded, LoraplexError
 from loraplex.adapters.records import AdapterVersion, not_found_name
+from loraplex.adapters.refs import ref_name
 from loraplex.server.auth import Limiter, Permit, Principal
 from loraplex.server.interface import Chunk, Engine, GenRequest, SamplingSpec, TokenLogprob
 from loraplex.server.lora_manager import AdapterManager
@@ -141,7 +141,7 @@ class OpenAIServing:
         """An adapter outside the key's set does not exist for it: the unknown-name 404."""
         principal: Principal | None = getattr(raw.state, "principal", None)
         if principal is not None and not principal.can_see(model):
-            raise not_found_name(re.split("[@:]", model, maxsplit=1)[0])
+            raise not_found_name(ref_name(model))
 
     def _labels(self, v: AdapterVersion | None) -> tuple[str, str]:
         return (v.name, str(v.version)) if v else (self.settings.served_model_name, "base")
