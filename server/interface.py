@@ -1,6 +1,6 @@
 """The small interface between the API server and the inference engine.
 
-Only `loraplex.server.engine` imports vLLM; everything else (routes, adapter manager, metrics)
+Only `loraplex.server.engine` (a package) imports vLLM; everything else (routes, adapter manager, metrics)
 speaks these plain dataclasses, so it can be read and unit-tested without an engine.
 """
 
