@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -60,10 +61,13 @@ from loraplex.adapters.fingerprint import read_chat_template, read_json
 log = logging.getLogger(__name__)
 
 BUILTIN_TEMPLATES = ("chatml", "llama2", "alpaca")
-ROLES = ("system", "user", "assistant")
-IGNORE_INDEX = -100  # the label of tokens the loss skips (PyTorch's cross_entropy default)
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
                  "mask_token")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# Names the renderer itself passes to a template; `chat_template_kwargs` may not override them.
+_RESERVED_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt",
+                              "chat_template", "tokenize", *_SPECIAL_KEYS})
+IGNORE_INDEX = -100  # the label of tokens the loss skips (PyTorch's cross_entropy default)
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -329,13 +333,14 @@ def _compile(template: str) -> jinja2.Template:
                          param="chat_template") from None
 
 
-def _render_text(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
-                 specials: dict[str, Any], track: bool = False
-                 ) -> tuple[str, list[tuple[int, int]]]:
-    """(text, `{% generation %}` spans when `track`)."""
+def _render_text(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                 specials: dict[str, Any], track: bool = False, tools: list[dict] | None = None,
+                 extra: dict[str, Any] | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """(text, `{% generation %}` spans when `track`). `tools` (OpenAI tool dicts) and `extra`
+    (checked `chat_template_kwargs`) are passed to the template as `apply_chat_template` does."""
     compiled = _compile(template)
-    kwargs = dict(specials, messages=messages, tools=None, documents=None,
-                  add_generation_prompt=add_generation_prompt)
+    kwargs = dict(specials, **(extra or {}), messages=messages, tools=tools or None,
+                  documents=None, add_generation_prompt=add_generation_prompt)
     try:
         if not track:
             return compiled.render(**kwargs), []
@@ -353,41 +358,121 @@ def _render_text(template: str, messages: list[dict[str, str]], add_generation_p
                          param="messages") from None
 
 
+@functools.lru_cache(maxsize=64)
+def template_variables(template: str) -> frozenset[str]:
+    """The variables a template reads from its caller (what `chat_template_kwargs` may set)."""
+    env = ImmutableSandboxedEnvironment(extensions=[_GenerationTag, loopcontrols])
+    return frozenset(jinja2.meta.find_undeclared_variables(env.parse(template)))
+
+
+def template_kwargs(template: str, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """`chat_template_kwargs` of a request, as vLLM's server takes them: the names the
+    renderer sets itself are refused (400), names the template never reads are dropped (clients
+    send e.g. `enable_thinking` to every model), the rest pass through."""
+    if not kwargs:
+        return {}
+    bad = sorted(set(kwargs) & _RESERVED_KWARGS)
+    if bad:
+        raise BadRequest(f"chat_template_kwargs may not set {', '.join(bad)}: send them as "
+                         "request fields (messages, tools) instead", param="chat_template_kwargs")
+    used = template_variables(template)
+    return {k: v for k, v in kwargs.items() if k in used}
+
+
 # -- messages ------------------------------------------------------------------------------------
 
-def validate_messages(messages: Any) -> list[dict[str, str]]:
-    """Plain {"role", "content": str} dicts; OpenAI text content parts are concatenated."""
+def validate_messages(messages: Any, template: str | None = None) -> list[dict[str, Any]]:
+    """OpenAI chat messages -> the dicts a chat template sees, as vLLM's server builds them:
+    text content parts joined with newlines, `content: null` as "", an assistant's
+    `tool_calls` with their JSON `arguments` parsed to objects (HF templates expect dicts),
+    a tool result's `tool_call_id` and any `name` kept, and, when the `template` does not
+    know the `developer` role, developer messages as one leading system message."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", param="messages")
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
+        where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise BadRequest(f"messages[{i}] must be an object with role and content",
-                             param=f"messages[{i}]")
+            raise BadRequest(f"{where} must be an object with role and content", param=where)
         role = m.get("role")
         if role not in ROLES:
-            raise BadRequest(f"messages[{i}].role {role!r} is not supported; use one of "
-                             f"{', '.join(ROLES)}", param=f"messages[{i}].role")
-        content = m.get("content")
-        if isinstance(content, list):
-            parts = []
-            for j, part in enumerate(content):
-                if not (isinstance(part, dict) and part.get("type") == "text"
-                        and isinstance(part.get("text"), str)):
-                    raise BadRequest(f"messages[{i}].content[{j}] must be a text part "
-                                     '({"type": "text", "text": ...})',
-                                     param=f"messages[{i}].content[{j}]")
-                parts.append(part["text"])
-            content = "".join(parts)
-        if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string or a list of text parts",
-                             param=f"messages[{i}].content")
-        if not is_encodable(content):
-            raise BadRequest(f"messages[{i}].content holds a lone UTF-16 surrogate (an unpaired "
-                             "\\ud800-\\udfff escape), which is not text: send valid Unicode",
-                             param=f"messages[{i}].content")
-        out.append({"role": role, "content": content})
+            raise BadRequest(f"{where}.role {role!r} is not supported; use one of "
+                             f"{', '.join(ROLES)}", param=f"{where}.role")
+        msg: dict[str, Any] = {"role": role, "content": _content_text(m.get("content"), where,
+                                                                      nullable=role == "assistant")}
+        if isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+        if role == "assistant" and m.get("tool_calls"):
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise BadRequest(f"{where} (role tool) needs tool_call_id: the id of the "
+                                 "assistant's tool call it answers", param=f"{where}.tool_call_id")
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
+    if template is not None and any(m["role"] == "developer" for m in out) \
+            and not re.search(r"[\"']developer[\"']", template):
+        out = _developer_as_system(out)
     return out
+
+
+def _content_text(content: Any, where: str, nullable: bool) -> str:
+    if content is None and nullable:  # an assistant turn that only calls tools
+        return ""
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)):
+                raise BadRequest(f"{where}.content[{j}] must be a text part "
+                                 '({"type": "text", "text": ...})', param=f"{where}.content[{j}]")
+            parts.append(part["text"])
+        content = "\n".join(parts)  # vLLM's server joins text parts with newlines
+    if not isinstance(content, str):
+        raise BadRequest(f"{where}.content must be a string or a list of text parts",
+                         param=f"{where}.content")
+    if not is_encodable(content):
+        raise BadRequest(f"{where}.content holds a lone UTF-16 surrogate (an unpaired "
+                         "\\ud800-\\udfff escape), which is not text: send valid Unicode",
+                         param=f"{where}.content")
+    return content
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise BadRequest(f"{where} must be a list of tool calls", param=where)
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or c.get("type", "function") != "function" \
+                or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRequest(f"{where}[{j}] must be {{\"type\": \"function\", \"function\": "
+                             "{\"name\": ..., \"arguments\": \"{...}\"}}", param=f"{where}[{j}]")
+        args = fn.get("arguments") or {}
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                # As vLLM: a model's malformed call stays in the history of every later turn,
+                # so refusing it would make the conversation unrecoverable.
+                log.warning("%s[%d].function.arguments is not JSON; sent as {}", where, j)
+                args = {}
+        if not isinstance(args, dict):
+            args = {}
+        call = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(c.get("id"), str):
+            call["id"] = c["id"]
+        out.append(call)
+    return out
+
+
+def _developer_as_system(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI's `developer` role is the newer name of `system`; for a template that only
+    knows system, all system and developer contents become one leading system message
+    (templates refuse a system message after the first turn), as vLLM's server does."""
+    system = [m["content"] for m in msgs if m["role"] in ("system", "developer") and m["content"]]
+    rest = [m for m in msgs if m["role"] not in ("system", "developer")]
+    return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + rest
 
 
 def is_encodable(text: str) -> bool:
@@ -421,10 +506,14 @@ class TrainingRender:
 
 
 def render(template: str, messages: Any, tok: ChatTokenizer, *,
-           add_generation_prompt: bool = True) -> Rendered:
-    """The prompt: the whole rendered text tokenized at once, as `apply_chat_template` does."""
-    msgs = validate_messages(messages)
-    text, _ = _render_text(template, msgs, add_generation_prompt, tok.special_tokens)
+           add_generation_prompt: bool = True, tools: list[dict] | None = None,
+           kwargs: dict[str, Any] | None = None) -> Rendered:
+    """The prompt: the whole rendered text tokenized at once, as `apply_chat_template` does.
+    `tools`: OpenAI tool definitions for the template; `kwargs`: a request's
+    `chat_template_kwargs` (see `template_kwargs`)."""
+    msgs = validate_messages(messages, template)
+    text, _ = _render_text(template, msgs, add_generation_prompt, tok.special_tokens,
+                           tools=tools, extra=template_kwargs(template, kwargs))
     if not text:
         raise BadRequest(f"chat template {template_label(template)} renders these messages to "
                          "an empty prompt; add a user message", param="messages")
@@ -435,7 +524,7 @@ def render_for_training(template: str, messages: Any, tok: ChatTokenizer,
                         train_on_inputs: bool = False) -> TrainingRender:
     """Token ids and labels of a whole conversation (see the module doc for spans and cuts);
     with `train_on_inputs`, every token is labelled."""
-    msgs = validate_messages(messages)
+    msgs = validate_messages(messages, template)
     if not any(m["role"] == "assistant" for m in msgs):
         raise BadRequest("a training conversation needs at least one assistant message",
                          param="messages")

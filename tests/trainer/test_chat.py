@@ -221,10 +221,13 @@ def test_template_errors_and_hf_helpers(toy_tok):
 def test_validate_messages():
     msgs = validate_messages([{"role": "user", "content": [{"type": "text", "text": "a"},
                                                           {"type": "text", "text": "b"}]}])
-    assert msgs == [{"role": "user", "content": "ab"}]
+    assert msgs == [{"role": "user", "content": "a\nb"}]  # vLLM's server joins with "\n"
+    with pytest.raises(BadRequest) as exc:
+        validate_messages([{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}])
+    assert exc.value.param == "messages[1].role"
     with pytest.raises(BadRequest) as exc:
         validate_messages([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}])
-    assert exc.value.param == "messages[1].role"
+    assert exc.value.param == "messages[1].tool_call_id"
     with pytest.raises(BadRequest) as exc:
         validate_messages([{"role": "user", "content": 3}])
     assert exc.value.param == "messages[0].content"
@@ -247,3 +250,51 @@ def test_chat_module_imports_no_torch():
     code = ("import sys, loraplex.adapters.chat; "
             "assert not {'torch', 'transformers', 'peft', 'vllm'} & set(sys.modules), 'heavy'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_validate_tool_turns_as_vllm_does():
+    """The follow-up turn of a tool call: assistant content null with tool_calls (arguments a
+    JSON string, parsed to an object for the template), then the tool's result."""
+    msgs = validate_messages([
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{oops"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]},
+    ])
+    assert msgs[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "id": "call_1", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"type": "function", "id": "call_2", "function": {"name": "now", "arguments": {}}}]}
+    assert msgs[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+    with pytest.raises(BadRequest) as exc:
+        validate_messages([{"role": "user", "content": None}])
+    assert exc.value.param == "messages[0].content"
+    with pytest.raises(BadRequest) as exc:
+        validate_messages([{"role": "assistant", "content": None, "tool_calls": [{"function": {}}]}])
+    assert exc.value.param == "messages[0].tool_calls[0]"
+
+
+def test_developer_role_follows_the_template():
+    msgs = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "system", "content": "and kind"}]
+    plain = validate_messages(msgs, "{{ messages }}")
+    assert plain == [{"role": "system", "content": "be brief\n\nand kind"},
+                     {"role": "user", "content": "hi"}]
+    knows = validate_messages(msgs, "{% if m.role == 'developer' %}{% endif %}")
+    assert [m["role"] for m in knows] == ["developer", "user", "system"]
+
+
+def test_template_kwargs_and_tools_reach_the_template(toy_tok):
+    from loraplex.adapters.chat import template_kwargs
+
+    tpl = ("{% if enable_thinking %}T{% endif %}{% for t in tools or [] %}"
+           "{{ t.function.name }};{% endfor %}{{ messages[0].content }}")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    r = render(tpl, [{"role": "user", "content": "q"}], toy_tok, tools=tools,
+               kwargs={"enable_thinking": True, "unused_by_template": 1})
+    assert r.text == "Tf;q"
+    assert template_kwargs(tpl, {"unused": 1}) == {}
+    with pytest.raises(BadRequest) as exc:
+        render(tpl, [{"role": "user", "content": "q"}], toy_tok, kwargs={"messages": []})
+    assert exc.value.param == "chat_template_kwargs"
