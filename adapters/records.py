@@ -49,6 +49,7 @@ class AdapterSummary(BaseModel):
     chat_template: str | None = None  # from loraplex.json or the adapter's tokenizer files
     chat_template_source: str | None = None
     stop_tokens: list[str] | None = None
+    tool_format: str | None = None  # from loraplex.json
     declared_base_fingerprint: str | None = None
     base_model_name_or_path: str | None = None
 
@@ -70,6 +71,9 @@ class AdapterVersion(BaseModel):
     chat_template: str | None = None
     chat_template_sha256: str | None = None
     stop_tokens: list[str] = Field(default_factory=list)
+    # How the model writes tool calls (hermes, llama3_json, mistral...): the server parses this
+    # version's output with it. None: the base's default (`LORAPLEX_TOOL_FORMAT`), if any.
+    tool_format: str | None = None
     artifact_uri: str
     content_sha256: str  # identity of (files, base, template, stops): equal => same version
     files: dict[str, str]

@@ -261,7 +261,8 @@ class Harness:
         return reg
 
     def start_loraplex(self, base: Path, args: EngineArgs, served_name: str = "toy",
-                       poll_interval_s: float = 2.0, name: str = "loraplex"):
+                       poll_interval_s: float = 2.0, name: str = "loraplex",
+                       env_extra: dict[str, str] | None = None):
         port = free_port()
         home = self.workdir / "home"
         env = base_env(args) | dict(
@@ -275,7 +276,7 @@ class Harness:
             LORAPLEX_GPU_MEMORY_UTILIZATION=str(args.gpu_memory_utilization),
             LORAPLEX_CPU_KVCACHE_SPACE_GIB=str(args.kv_cache_gib), LORAPLEX_ENFORCE_EAGER="true",
             LORAPLEX_POLL_INTERVAL_S=str(poll_interval_s), LORAPLEX_API_KEYS="",
-        )
+        ) | (env_extra or {})
         proc = self.spawn(name, [PY, "-m", "loraplex.adapters.cli", "serve", "--model", str(base),
                                  "--log-level", "warning"], env)
         return proc, f"http://127.0.0.1:{port}"

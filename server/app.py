@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loraplex.adapters import chat
 from loraplex.adapters.errors import (
     BadRequest,
     LoraplexError,
@@ -31,8 +32,13 @@ from loraplex.server.auth import KeyStore, Limiter, require
 from loraplex.server.interface import Engine
 from loraplex.server.lora_manager import AdapterManager
 from loraplex.server.metrics import Metrics
+from loraplex.server.openai.deps import Surfaces
 from loraplex.server.openai.router import build_router
-from loraplex.server.openai.serving import OpenAIServing
+from loraplex.server.openai.serving import Admission
+from loraplex.server.openai.serving_chat import ChatServing
+from loraplex.server.openai.serving_completion import CompletionServing
+from loraplex.server.openai.serving_responses import ResponsesServing
+from loraplex.server.openai.serving_tokens import TokenServing
 from loraplex.server.settings import ServerSettings
 
 log = logging.getLogger("loraplex.server")
@@ -44,7 +50,7 @@ class State:
     engine: Engine
     metrics: Metrics
     manager: AdapterManager | None = None
-    serving: OpenAIServing | None = None
+    serving: Surfaces | None = None
     draining: bool = False
     limiter: Limiter = field(default_factory=Limiter)
 
@@ -56,6 +62,18 @@ async def _reload_keys(keys: KeyStore, every_s: float) -> None:
         await asyncio.to_thread(keys.maybe_reload)
 
 
+def _surfaces(settings: ServerSettings, engine: Engine, manager: AdapterManager,
+              metrics: Metrics, limiter: Limiter) -> Surfaces:
+    """The OpenAI surfaces over one engine: one admission count, one tokenizer, one base
+    template, shared by all."""
+    tokenizer = chat.load_tokenizer(settings.model)
+    shared = (settings, engine, manager, metrics, Admission(settings, metrics, limiter),
+              tokenizer, chat.resolve_template(None, settings.model))
+    return Surfaces(chat=ChatServing(*shared), completion=CompletionServing(*shared),
+                    tokens=TokenServing(*shared), responses=ResponsesServing(*shared),
+                    settings=settings, manager=manager)
+
+
 def create_app(settings: ServerSettings, engine: Engine, registry: Registry | None = None) -> FastAPI:
     state = State(settings=settings, engine=engine, metrics=Metrics())
     keys = KeyStore.from_settings(settings)  # a bad keys file stops the start, named
@@ -65,8 +83,7 @@ def create_app(settings: ServerSettings, engine: Engine, registry: Registry | No
         await engine.start()
         reg = registry or Registry.open(settings)
         state.manager = AdapterManager(settings, reg, engine, state.metrics)
-        state.serving = OpenAIServing(settings, engine, state.manager, state.metrics,
-                                      state.limiter)
+        state.serving = _surfaces(settings, engine, state.manager, state.metrics, state.limiter)
         await state.manager.start()
         log.info("serving %s (%s) on registry revision %s", settings.served_model_name,
                  settings.model, state.manager.snapshot.revision)
@@ -125,7 +142,7 @@ def create_app(settings: ServerSettings, engine: Engine, registry: Registry | No
         if state.manager is None:
             raise NotReady("the engine is still starting; retry shortly")
 
-    app.include_router(build_router(state, require_key))
+    app.include_router(build_router(require_key))
     app.include_router(build_admin_router(state, require_admin))
 
     @app.get("/health")
@@ -157,7 +174,8 @@ def create_app(settings: ServerSettings, engine: Engine, registry: Registry | No
     def _count_error(request: Request, status: int) -> None:
         # Requests refused before (or instead of) generating: counted with empty adapter
         # labels, since an unknown `model` must not become a label value (cardinality).
-        endpoint = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}.get(
+        endpoint = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+                    "/v1/responses": "responses"}.get(
             request.url.path)
         if endpoint:
             state.metrics.requests.labels("", "", endpoint, str(status)).inc()

@@ -45,12 +45,20 @@ class SamplingSpec:
     json_schema: dict | None = None
     json_object: bool = False
     ignore_eos: bool = False
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Logprobs of the prompt's tokens (echo with logprobs): top-k alternatives, 0 = the token.
+    prompt_logprobs: int | None = None
 
 
 @dataclass
 class TokenLogprob:
     token: str
-    logprob: float
+    logprob: float | None  # None: the first prompt token (echo), which has no context
     top: list[tuple[str, float]]
 
 
@@ -70,6 +78,9 @@ class Chunk:
     deltas: list[CompletionDelta]
     prompt_tokens: int
     finished: bool
+    # With `prompt_logprobs`, on the first chunk: one entry per prompt token (None for the
+    # first, which has no context to be scored in).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The app's OpenAPI document: every `$ref` resolvable, every error OpenAI-shaped.
 
-The /v1 routes parse their bodies by hand (router.parse_body: every failure an OpenAI 400, not
+The /v1 routes parse their bodies by hand (deps.parse_body: every failure an OpenAI 400, not
 FastAPI's 422), so their request schemas come in through `openapi_extra` with pydantic's
 `$defs`; here those are hoisted into `components/schemas` and any `#/$defs/X` left is pointed
 there. Each operation gets its error responses in the one shape the server sends
@@ -119,7 +119,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         for method, op in ops.items():
             responses = op.setdefault("responses", {})
             responses.pop("422", None)  # validation errors are sent as OpenAI-shaped 400s
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
                 codes, op["security"] = V1_ERRORS, [{"bearer": []}, {}]  # {}: when no key is set
             elif path.startswith("/admin/"):
                 codes, op["security"] = ADMIN_ERRORS, [{"bearer": []}]

@@ -201,8 +201,16 @@ class VllmEngine:
         if self.cpu_kvcache_space_gib is not None:
             # vLLM reads this from the environment at engine start on CPU.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kvcache_space_gib)
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        if current_platform.is_cpu():
+            # oneDNN caches one compiled primitive per distinct shape (up to 1024), and the CPU
+            # engine runs every step at a new token count: the worker's heap grew for thousands
+            # of requests (docs/soak.md). Off, memory is flat and throughput unchanged
+            # (benchmarks/onednn_cache.py). Read by oneDNN at first use, in this process and in
+            # the engine's workers, which inherit the environment; an operator's value wins.
+            os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
         apply_vllm_fixes()
         self._llm = AsyncLLM.from_engine_args(self.args)
         self.max_model_len = self._llm.model_config.max_model_len
@@ -283,7 +291,14 @@ class VllmEngine:
             presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty,
             logprobs=s.logprobs,
+            prompt_logprobs=s.prompt_logprobs,
             ignore_eos=s.ignore_eos,
+            min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty,
+            min_tokens=s.min_tokens,
+            logit_bias=s.logit_bias,
+            skip_special_tokens=s.skip_special_tokens,
+            include_stop_str_in_output=s.include_stop_str_in_output,
             structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA,
         )
@@ -321,13 +336,16 @@ class VllmEngine:
                 # client's fault, a 400 (or, mid-stream, an error event), not a 500.
                 finished = True
                 raise _bad_request(exc) from None
+            prompt_lps = _prompt_logprobs(out, req.sampling.prompt_logprobs)
             while True:
                 finished = out.finished
                 yield Chunk(
                     deltas=[_delta(o, req.sampling.logprobs) for o in out.outputs],
                     prompt_tokens=len(out.prompt_token_ids or req.prompt_token_ids),
                     finished=out.finished,
+                    prompt_logprobs=prompt_lps,
                 )
+                prompt_lps = None
                 try:
                     out = await anext(stream)
                 except StopAsyncIteration:
@@ -354,18 +372,30 @@ def _worker_lora_residency(worker) -> dict[str, list[int]] | None:
         return None
 
 
+def _token_logprob(token_id: int, alternatives: dict, k: int) -> TokenLogprob:
+    """vLLM's {token id: Logprob} at one position -> the chosen token and the top k."""
+    chosen = alternatives[token_id]
+    ranked = sorted(alternatives.values(), key=lambda lp: lp.rank or 0)[:k]
+    return TokenLogprob(
+        token=chosen.decoded_token or "",
+        logprob=max(chosen.logprob, -9999.0),  # -inf is not JSON
+        top=[(a.decoded_token or "", max(a.logprob, -9999.0)) for a in ranked],
+    )
+
+
+def _prompt_logprobs(out, want: int | None) -> list[TokenLogprob | None] | None:
+    if want is None or out.prompt_logprobs is None:
+        return None
+    ids = out.prompt_token_ids or []
+    return [None if alts is None else _token_logprob(t, alts, want)
+            for t, alts in zip(ids, out.prompt_logprobs)]
+
+
 def _delta(o, want_logprobs: int | None) -> CompletionDelta:
     lps = None
     if want_logprobs is not None and o.logprobs is not None:
-        lps = []
-        for token_id, alternatives in zip(o.token_ids, o.logprobs):
-            chosen = alternatives[token_id]
-            ranked = sorted(alternatives.values(), key=lambda lp: lp.rank or 0)[:want_logprobs]
-            lps.append(TokenLogprob(
-                token=chosen.decoded_token or "",
-                logprob=max(chosen.logprob, -9999.0),
-                top=[(a.decoded_token or "", max(a.logprob, -9999.0)) for a in ranked],
-            ))
+        lps = [_token_logprob(t, alts, want_logprobs)
+               for t, alts in zip(o.token_ids, o.logprobs)]
     return CompletionDelta(
         index=o.index, text=o.text, token_ids=list(o.token_ids), logprobs=lps,
         finish_reason=o.finish_reason,

@@ -193,7 +193,16 @@ def test_completions_prompt_forms(app_and_engine):
         r = client.post("/v1/completions", json={"model": "toy", "prompt": prompt, "max_tokens": 30})
         assert r.status_code == 200, r.text
         assert r.json()["object"] == "text_completion"
-    r = client.post("/v1/completions", json={"model": "toy", "prompt": ["a", "b"]})
+    # A batch: one choice per prompt (and n), indexed prompt-major as vLLM's server does.
+    r = client.post("/v1/completions", json={"model": "toy", "prompt": [[4], [1, 2, 3]],
+                                             "n": 2, "max_tokens": 30})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert [c["text"] for c in choices] == ["echo:base:1"] * 2 + ["echo:base:3"] * 2
+    r = client.post("/v1/completions", json={"model": "toy", "prompt": ["a", [1, 2, 3]]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = client.post("/v1/completions", json={"model": "toy", "prompt": ["a"] * 257})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = client.post("/v1/completions", json={"model": "toy", "prompt": [99999]})
     assert r.status_code == 400

@@ -119,10 +119,24 @@ def test_error_schema_matches_what_the_server_sends(client):
         jsonschema.validate(r.json(), ERROR_SCHEMA)
 
 
-def _sse_problem(text: str) -> str | None:
+RESPONSES_END = ("response.completed", "response.incomplete", "response.failed", "error")
+
+
+def _sse_problem(text: str, path: str = "") -> str | None:
     """Why a server-sent-event body is broken, or None: `data:` events, each JSON but the
-    final `[DONE]`; an error event only as the last one before it."""
+    final `[DONE]`; an error event only as the last one before it. The Responses API has no
+    `[DONE]`: its stream ends with a terminal event (completed, incomplete, failed, error)."""
     events = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+    if path == "/v1/responses":
+        try:
+            objs = [json.loads(e) for e in events]
+        except ValueError:
+            return "an event is not JSON"
+        if not objs or objs[-1].get("type") not in RESPONSES_END:
+            return f"does not end with a terminal event (last: {events[-1:]!r})"
+        if any(o.get("type") in RESPONSES_END for o in objs[:-1]):
+            return "a terminal event before the last one"
+        return None
     if not events or events[-1] != "[DONE]":
         return f"does not end with data: [DONE] (last event: {events[-1:]!r})"
     for i, e in enumerate(events[:-1]):
@@ -147,12 +161,16 @@ def _httpx_kwargs(kw: dict) -> dict:
 
 MODELS = [None, "toy", "toy", "upper", "upper", "upper@1", "upper:nope", "upper@9"]
 BODIES = {"/v1/chat/completions": "ChatCompletionRequest",
-          "/v1/completions": "CompletionRequest", "/v1/render": "RenderRequest"}
-STREAMED = ("/v1/chat/completions", "/v1/completions")
+          "/v1/completions": "CompletionRequest", "/v1/render": "RenderRequest",
+          "/v1/responses": "ResponsesRequest", "/tokenize": "TokenizeRequest",
+          "/detokenize": "DetokenizeRequest"}
+STREAMED = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 # Dropped from "tame" valid bodies: options that are valid by the schema but refused by design
-# (echo, suffix) or that mostly make a request refused (a max_tokens over the context).
-TAMED = ("max_tokens", "max_completion_tokens", "echo", "suffix", "top_logprobs", "logprobs",
-         "stop", "response_format")
+# (suffix) or that mostly make a request refused (a max_tokens over the context, tools the
+# base has no tool format for).
+TAMED = ("max_tokens", "max_completion_tokens", "max_output_tokens", "suffix", "top_logprobs",
+         "logprobs", "stop", "response_format", "tools", "tool_choice", "logit_bias",
+         "stop_token_ids", "min_tokens")
 
 
 @dataclass
@@ -220,7 +238,7 @@ def _fuzz(client, spec: dict, op, mode, out: Fuzzed) -> None:
             return
         if ctype.startswith("text/event-stream"):
             out.streams["total"] += 1
-            if problem := _sse_problem(r.text):
+            if problem := _sse_problem(r.text, op.path):
                 out.streams["broken"] += 1
                 out.failures.append(f"{where}: broken stream: {problem}")
         elif isinstance(body, dict) and body.get("stream") is True and r.status_code == 200:
