@@ -31,6 +31,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, update
 
 from loraplex.adapters import sql
+from loraplex.adapters.adapter_format import check_tool_format
 from loraplex.adapters.artifacts import ArtifactStore
 from loraplex.adapters.errors import (
     AdapterNotFound,
@@ -199,15 +200,17 @@ class Registry:
     def push(self, dir: str | Path, name: str, alias: str | None = None, base: str | None = None,
              chat_template: str | Path | None = None, description: str = "",
              tags: dict[str, str] | None = None, training: dict[str, Any] | None = None,
-             metrics: dict[str, Any] | None = None) -> PushResult:
+             metrics: dict[str, Any] | None = None, tool_format: str | None = None) -> PushResult:
         """Validate and register an adapter directory as the next version of `name`.
 
-        `chat_template` is a file path used when the adapter brings no template of its own.
+        `chat_template` is a file path used when the adapter brings no template of its own;
+        `tool_format` (how the model writes tool calls) overrides the adapter's loraplex.json.
         Pushing content identical to an active version returns that version (created=False).
         """
         check_name(name)
         if alias is not None:
             check_alias(alias)
+        check_tool_format(tool_format)
         tags = {str(k): str(v) for k, v in (tags or {}).items()}
         for meta_name, value in (("training", training), ("metrics", metrics)):
             try:
@@ -237,15 +240,19 @@ class Registry:
                          else "no chat template (base has none): completions only")
         stops = summary.stop_tokens if summary.stop_tokens is not None else base_rec.eos_tokens
 
+        tool_format = tool_format or summary.tool_format
         identity = {"files": summary.files, "base": base_rec.fingerprint,
                     "chat_template": _sha(template), "stop_tokens": stops}
+        if tool_format:  # only when set, so versions pushed before tool formats keep their hash
+            identity["tool_format"] = tool_format
         content = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
         row_values = dict(
             name=name, base_name=base_rec.name, base_fingerprint=base_rec.fingerprint,
             content_sha256=content, peft_type=summary.peft_type, rank=summary.rank,
             alpha=summary.alpha, target_modules=summary.target_modules, chat_template=template,
-            chat_template_sha256=_sha(template), stop_tokens=stops, files=summary.files,
+            chat_template_sha256=_sha(template), stop_tokens=stops, tool_format=tool_format,
+            files=summary.files,
             total_size=summary.total_size, description=description, tags=tags,
             training=training or {}, metrics=metrics or {}, state="active",
         )

@@ -21,6 +21,7 @@ import json
 from datetime import datetime
 from typing import Any
 
+from loraplex.adapters.adapter_format import TOOL_FORMATS
 from loraplex.adapters.errors import BadRequest
 
 
@@ -43,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--alias", help="also point this alias at the new version")
     v.add_argument("--base", help="registered base model name (default: inferred)")
     v.add_argument("--chat-template", help="Jinja file, used if the adapter has no template")
+    v.add_argument("--tool-format", choices=TOOL_FORMATS,
+                   help="how the model writes tool calls (vLLM's --tool-call-parser name); "
+                   "default: the adapter's loraplex.json, else the server's base default")
     v.add_argument("--description", default="", help="free text")
     v.add_argument("--tag", action="append", default=[], metavar="K=V", help="repeatable")
     v.set_defaults(func=cmd_push)
@@ -152,7 +156,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     tags = _parse_tags(args.tag)
     with _open(args) as reg:
         res = reg.push(args.dir, args.name, alias=args.alias, base=args.base,
-                       chat_template=args.chat_template, description=args.description, tags=tags)
+                       chat_template=args.chat_template, description=args.description, tags=tags,
+                       tool_format=args.tool_format)
     if args.json:
         _print_json(res.model_dump(mode="json"))
     else:

@@ -19,14 +19,17 @@ import re
 from pathlib import Path
 from typing import Any
 
+from loraplex.adapters.adapter_format import (  # noqa: F401 - callers import CONFIG_FILE here
+    CONFIG_FILE,
+    LORAPLEX_FILE,
+    TOOL_FORMATS,
+    WEIGHTS_FILE,
+)
 from loraplex.adapters.errors import AdapterIncompatible, AdapterInvalid, ConfigError
 from loraplex.adapters.fingerprint import fingerprint_base, read_chat_template, read_eos_tokens
 from loraplex.adapters.records import AdapterSummary, BaseModelRecord
 from loraplex.adapters.safetensors_header import HeaderError, read_header
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-LORAPLEX_FILE = "loraplex.json"  # written by the trainer: base fingerprint, template, stops
 # Formats whose loading can run arbitrary code (pickle, torch.save zips, joblib).
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
 WEIGHT_DTYPES = {"F16", "BF16", "F32"}
@@ -314,6 +317,11 @@ def _read_loraplex(d: Path, base: BaseModelRecord, p: _Problems) -> dict[str, An
     if stops is not None and not (isinstance(stops, list) and all(isinstance(s, str) for s in stops)):
         p.bad(LORAPLEX_FILE, "stop_tokens", "must be a list of strings", "fix the file")
         meta.pop("stop_tokens")
+    tf = meta.get("tool_format")
+    if tf is not None and tf not in TOOL_FORMATS:
+        p.bad(LORAPLEX_FILE, "tool_format", f"is {tf!r}, not one of {', '.join(TOOL_FORMATS)}",
+              "fix the file, or push with --tool-format")
+        meta.pop("tool_format")
     return meta
 
 
@@ -397,6 +405,7 @@ def validate_adapter_dir(dir: str | Path, base: BaseModelRecord, max_rank: int,
         chat_template=template,
         chat_template_source=source if template is not None else None,
         stop_tokens=stops,
+        tool_format=meta.get("tool_format"),
         declared_base_fingerprint=meta.get("base_fingerprint"),
         base_model_name_or_path=declared if isinstance(declared, str) else None,
     )

@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.requests import ClientDisconnect
 
+from loraplex.adapters.adapter_format import check_tool_format
 from loraplex.adapters.errors import BadRequest, PayloadTooLarge
 from loraplex.adapters.refs import check_alias, check_name
 from loraplex.server.archives import MAX_ARCHIVE_MEMBERS, extract
@@ -85,13 +86,15 @@ def build_admin_router(state, require_admin) -> APIRouter:
 
     @r.post("/adapters")
     async def register(request: Request, name: str, alias: str | None = None,
-                       uri: str | None = None, description: str = ""):
+                       uri: str | None = None, description: str = "",
+                       tool_format: str | None = None):
         """Register from `uri` (a registry-readable fsspec directory) or an uploaded archive
         (the raw request body: .tar.gz or .zip of a PEFT LoRA directory)."""
         # Names first: a bad one is refused before a byte of a (large) upload is read.
         check_name(name)
         if alias is not None:
             check_alias(alias)
+        check_tool_format(tool_format)
         settings = state.settings
         caps = {"max_members": MAX_ARCHIVE_MEMBERS, "max_bytes": settings.max_adapter_bytes}
         tmp = Path(tempfile.mkdtemp(prefix="loraplex-upload-"))
@@ -113,7 +116,7 @@ def build_admin_router(state, require_admin) -> APIRouter:
                         src = extract(tmp / "upload", tmp / "x", **caps)
                         (tmp / "upload").unlink()  # free the disk before the push copies
                     return reg().push(src, name, alias=alias, base=settings.base,
-                                      description=description)
+                                      description=description, tool_format=tool_format)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -44,6 +44,7 @@ class SamplingSpec:
     logprobs: int | None = None  # top-k alternatives per token; 0 = only the chosen token
     json_schema: dict | None = None
     json_object: bool = False
+    structural_tag: str | None = None  # xgrammar structural tag (forced tool calls, tool_parsers)
     ignore_eos: bool = False
     min_p: float = 0.0
     repetition_penalty: float = 1.0

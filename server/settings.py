@@ -38,6 +38,10 @@ class ServerSettings(RegistrySettings):
     base_name: str | None = Field(
         default=None, description="Registered base this server serves; default: served_model_name."
     )
+    tool_format: str | None = Field(
+        default=None, description="How the base (and adapters that set none) write tool calls: "
+        "a vLLM --tool-call-parser name (hermes, llama3_json, mistral...). None: requests with "
+        "tools are refused for them.")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 
@@ -108,6 +112,16 @@ class ServerSettings(RegistrySettings):
         # Env vars hold one string: "a,b,c".
         if isinstance(v, str):
             return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @field_validator("tool_format")
+    @classmethod
+    def _tool_format(cls, v):
+        from loraplex.adapters.adapter_format import TOOL_FORMATS
+
+        if v is not None and v not in TOOL_FORMATS:
+            raise ValueError(f"{v!r} is not one of {', '.join(TOOL_FORMATS)} (vLLM's "
+                             "--tool-call-parser names)")
         return v
 
     @field_validator("engine_args", mode="before")

@@ -45,6 +45,9 @@ class TrainConfig(BaseModel):
                                  "training data when no --eval-data is given")
     chat_template: str | None = Field(None, description="chatml, llama2, alpaca or a .jinja "
                                       "file; default: the base tokenizer's template")
+    tool_format: str | None = Field(None, description="how the adapter writes tool calls (a "
+                                    "vLLM --tool-call-parser name, e.g. hermes): recorded in "
+                                    "loraplex.json so the server parses its calls")
     max_seq_len: int = Field(1024, ge=8, description="rows longer than this after rendering "
                              "are rejected")
     min_tokens: int = Field(0, ge=0, description="length filter: drop rows shorter than this")
@@ -120,6 +123,11 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        from loraplex.adapters.adapter_format import TOOL_FORMATS
+
+        if self.tool_format is not None and self.tool_format not in TOOL_FORMATS:
+            raise ValueError(f"tool_format: {self.tool_format!r} is not one of "
+                             f"{', '.join(TOOL_FORMATS)}")
         if self.lora_r < 1:
             raise ValueError(f"lora_r: rank {self.lora_r} is not allowed; use a rank >= 1 "
                              "(e.g. --lora-r 8)")

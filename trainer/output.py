@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loraplex.adapters.adapter_format import LORAPLEX_FILE as MANIFEST
+from loraplex.adapters.adapter_format import MANIFEST_VERSION, LoraplexManifest
 from loraplex.adapters.chat import template_label
 from loraplex.adapters.errors import ConfigError
 
@@ -36,8 +38,6 @@ if TYPE_CHECKING:
     from loraplex.trainer.dataset import DataReport
     from loraplex.trainer.train import LoopState
 
-MANIFEST = "loraplex.json"
-MANIFEST_VERSION = 1
 
 
 def _check_writable(d: Path, what: str) -> None:
@@ -158,6 +158,7 @@ def write_adapter(cfg: TrainConfig, model: Any, *, base: Path, template: str, st
         "chat_template": template,
         "chat_template_name": cfg.chat_template or f"base ({template_label(template)})",
         "stop_tokens": stops,
+        "tool_format": cfg.tool_format,
         "data": {k: v for k, v in data.to_dict().items()},
         "hyperparameters": cfg.hyperparameters(),
         "metrics": {k: v for k, v in metrics.items() if k != "exact_match"}
@@ -169,7 +170,8 @@ def write_adapter(cfg: TrainConfig, model: Any, *, base: Path, template: str, st
     with staging(out, cfg.overwrite) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / MANIFEST).write_text(
+            LoraplexManifest(**manifest).model_dump_json(indent=2, exclude_none=True) + "\n")
         report = {"metrics": metrics, "data": data.to_dict(),
                   "history": {"train_loss": state.train_loss, "eval_loss": state.eval_loss}}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -279,6 +279,8 @@ class VllmEngine:
             structured = StructuredOutputsParams(json=s.json_schema)
         elif s.json_object:
             structured = StructuredOutputsParams(json_object=True)
+        elif s.structural_tag is not None:
+            structured = StructuredOutputsParams(structural_tag=s.structural_tag)
         return SamplingParams(
             n=s.n,
             max_tokens=s.max_tokens,

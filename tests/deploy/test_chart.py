@@ -363,7 +363,7 @@ SET_ALL = {
     "artifacts_url": "s3://bucket/prefix", "s3_endpoint_url": "http://minio:9000",
     "s3_key": "AKIA1", "s3_secret": "from-secret", "max_adapter_rank": 32,
     "max_adapter_bytes": 5 << 30, "model": "/models/m", "served_model_name": "llama",
-    "base_name": "llama-31", "host": "0.0.0.0", "port": 8081,
+    "base_name": "llama-31", "tool_format": "llama3_json", "host": "0.0.0.0", "port": 8081,
     "api_keys": "k1,k2", "admin_key": "adm", "max_model_len": 8192, "max_loras": 8,
     "max_lora_rank": 32, "max_cpu_loras": 24, "max_num_seqs": 128, "dtype": "bfloat16",
     "gpu_memory_utilization": 0.85, "cpu_kvcache_space_gib": 12, "enforce_eager": True,
