@@ -119,7 +119,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         for method, op in ops.items():
             responses = op.setdefault("responses", {})
             responses.pop("422", None)  # validation errors are sent as OpenAI-shaped 400s
-            if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
+            if path.startswith("/v1/") or path in ("/tokenize", "/detokenize", "/tokenizer_info"):
                 codes, op["security"] = V1_ERRORS, [{"bearer": []}, {}]  # {}: when no key is set
             elif path.startswith("/admin/"):
                 codes, op["security"] = ADMIN_ERRORS, [{"bearer": []}]

@@ -158,6 +158,29 @@ def _skip_rows_without_lora(op, zero: str):
     return fixed
 
 
+def _prompt_logprobs_safe(add_lora_logits):
+    """Wrap `PunicaWrapperCPU.add_lora_logits` for steps that score prompt tokens.
+
+    With prompt logprobs (completions `echo` + `logprobs`: lm-evaluation-harness's
+    log-likelihood requests), the logits of every prompt token of a request go through the
+    lm_head LoRA with the step's one-index-per-request list; with two requests in the step the
+    shapes disagree and the engine dies (`einsum(): subscript b has size 7 ... 18`; vllm#16668,
+    #51594, open). An lm_head LoRA is never loaded here (the registry accepts adapters on the
+    layers' linear modules only), so its delta is exactly zero: skip it when the rows do not
+    match the indices. Anything else runs vLLM's own op unchanged.
+    """
+    def fixed(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+        if x.view(-1, x.shape[-1]).size(0) != self.sampler_indices.size(0):
+            if not bool(lora_b_stacked.any()):
+                return None
+            raise NotImplementedError("an lm_head LoRA with prompt logprobs in a batched step")
+        return add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale,
+                               buffer=buffer, **kwargs)
+
+    fixed.__loraplex_fixed__ = True
+    return fixed
+
+
 def apply_vllm_fixes() -> None:
     """vLLM general plugin: add our worker RPC, patch the CPU LoRA ops (idempotent)."""
     from vllm.platforms import current_platform
@@ -172,6 +195,9 @@ def apply_vllm_fixes() -> None:
     import vllm.lora.ops.torch_ops.lora_ops as ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
+    if not getattr(punica_cpu.PunicaWrapperCPU.add_lora_logits, "__loraplex_fixed__", False):
+        punica_cpu.PunicaWrapperCPU.add_lora_logits = _prompt_logprobs_safe(
+            punica_cpu.PunicaWrapperCPU.add_lora_logits)
     if getattr(ops.bgmv_shrink, "__loraplex_fixed__", False):
         return
     fixed = {

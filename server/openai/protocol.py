@@ -185,7 +185,7 @@ class RenderRequest(_Body):
 class TokenizeRequest(_Body):
     """vLLM's /tokenize: a prompt, or messages rendered with the model's chat template."""
 
-    model: str = Field(min_length=1)
+    model: str | None = Field(default=None, min_length=1)  # None: the base, as vLLM
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
@@ -202,5 +202,5 @@ class TokenizeRequest(_Body):
 
 
 class DetokenizeRequest(_Body):
-    model: str = Field(min_length=1)
+    model: str | None = Field(default=None, min_length=1)
     tokens: list[int]

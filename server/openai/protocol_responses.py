@@ -19,7 +19,15 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from loraplex.adapters.errors import BadRequest
-from loraplex.server.openai.protocol import FunctionDef, Tool, _Body, _Sampling
+from loraplex.server.openai.protocol import (
+    ChatCompletionRequest,
+    FunctionDef,
+    NamedFunction,
+    Tool,
+    ToolChoiceFunction,
+    _Body,
+    _Sampling,
+)
 
 STATELESS = ("this server is stateless (it keeps no responses): send the whole conversation in "
              "`input` instead")
@@ -146,19 +154,18 @@ class ResponsesRequest(_Sampling):
             name=t.name, description=t.description, parameters=t.parameters, strict=t.strict))
             for t in self.tools] if self.tools else None
 
-    def chat_tool_choice(self) -> str | dict | None:
-        """Chat's shape: none | auto | required | {"type": "function", "function": {name}}."""
+    def chat_tool_choice(self) -> str | ToolChoiceFunction | None:
         tc = self.tool_choice
         if isinstance(tc, NamedTool):
-            return {"type": "function", "function": {"name": tc.name}}
+            return ToolChoiceFunction(type="function", function=NamedFunction(name=tc.name))
         return tc
 
-    def tool_mode(self) -> str:
-        """none | auto | required | named, as ChatCompletionRequest.tool_mode."""
-        tc = self.tool_choice
-        if isinstance(tc, NamedTool):
-            return "named"
-        return tc or ("auto" if self.tools else "none")
+    def as_chat(self) -> ChatCompletionRequest:
+        """The tool fields as a chat request (for ChatServing.tools_for); not validated
+        again, and without messages: only the tool side reads it."""
+        return ChatCompletionRequest.model_construct(
+            model=self.model, messages=[], tools=self.chat_tools(),
+            tool_choice=self.chat_tool_choice(), parallel_tool_calls=self.parallel_tool_calls)
 
     def logprobs(self) -> int | None:
         """Top alternatives per token when `include` asks for logprobs, else None."""

@@ -1,7 +1,7 @@
 """The OpenAI routes, thin: each parses its body (deps.Body), hands it to its surface, answers.
 
 /v1/chat/completions, /v1/completions, /v1/responses, /v1/models[/{id}], /v1/render,
-/tokenize and /detokenize (vLLM's), all behind the key check (`infer` scope).
+/tokenize, /detokenize and /tokenizer_info (vLLM's), all behind the key check (`infer` scope).
 """
 
 from __future__ import annotations
@@ -68,6 +68,11 @@ def build_router(require_key) -> APIRouter:
     @r.post("/tokenize", openapi_extra=_schema(TokenizeRequest))
     async def tokenize(req: Body[TokenizeRequest], s: Serving, request: Request):
         return await s.tokens.tokenize(req, request)
+
+    @r.get("/tokenizer_info")
+    async def tokenizer_info(s: Serving, request: Request, model: str | None = None):
+        """vLLM's: the tokenizer's config and chat template (of `model`, else the base)."""
+        return await s.tokens.tokenizer_info(model, request)
 
     @r.post("/detokenize", openapi_extra=_schema(DetokenizeRequest))
     async def detokenize(req: Body[DetokenizeRequest], s: Serving, request: Request):

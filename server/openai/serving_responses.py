@@ -19,7 +19,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
 
 from fastapi import Request
 
@@ -34,14 +33,20 @@ from loraplex.server.openai.serving_chat import ChatServing, chat_logprobs
 log = logging.getLogger("loraplex.serving")
 
 
-class ToolSession(Protocol):
-    """The tool calls of one request's output, from the chat side's parser
-    (server/engine/tool_parsers.py)."""
+class ToolSession:
+    """The tool side of one request, from ChatServing.tools_for (vLLM's parser for the
+    version's tool format): `parse` a whole output, or `stream()` one that .feed(delta_text,
+    token_ids, finished)s -> StreamDelta | None."""
 
-    def parse(self, text: str) -> ParsedOutput: ...
+    def __init__(self, tools):
+        self.tools = tools
 
-    def stream(self) -> Any:  # .feed(delta_text, token_ids, finished) -> StreamDelta | None
-        ...
+    def parse(self, text: str) -> ParsedOutput:
+        t = self.tools
+        return t.parser.parse(text, t.tools, t.choice, t.parallel)
+
+    def stream(self):
+        return self.tools.stream()
 
 
 class ResponsesServing(ChatServing):
@@ -77,20 +82,28 @@ class ResponsesServing(ChatServing):
     # == TOOL PARSER HOOK =====================================================================
     def tool_session(self, req: ResponsesRequest, version: AdapterVersion | None,
                      sampling: SamplingSpec) -> ToolSession | None:
-        """Where the chat side's tool parser plugs in: None answers with text only. With
-        tools (and tool_choice other than none) it returns the version's parser over
-        `req.chat_tools()` (as dicts), `req.chat_tool_choice()`, `req.parallel_tool_calls`,
-        after setting `sampling` as chat does for that choice (Decoding: json_schema /
-        structural tag / skip_special_tokens). Its ParsedOutput and StreamDelta become
-        function_call items in `_Builder.tool_call`."""
-        return None
+        """The chat side's tool handling for this request (None: no tools or tool_choice
+        none, a text answer), with `sampling` set as chat sets it for a forced call; its
+        ParsedOutput / StreamDelta become function_call items in `_Builder.tool_call`.
+        Tools for a version without a tool format are chat's 400."""
+        tools = self.tools_for(version, req.as_chat())
+        if tools is None:
+            return None
+        d = tools.parser.decoding(tools.tools, tools.choice, tools.parallel)
+        if d.json_schema is not None or d.structural_tag is not None:
+            # A forced call (required / named) wins over text.format, as in chat and vLLM.
+            sampling.json_object, sampling.json_schema = False, d.json_schema
+            sampling.structural_tag = d.structural_tag
+        # Markers such as <tool_call> may be special tokens: keep them for the parser.
+        sampling.skip_special_tokens = sampling.skip_special_tokens and d.skip_special_tokens
+        return ToolSession(tools)
 
     async def _sse(self, events: AsyncIterator[dict], request_id: str, guard: InFlight):
         """OpenAI's Responses framing, which differs from chat's: each event is preceded by
-        `event: <type>`, and the stream ends with its last event (response.completed /
+        `event: <type>`, and the stream ends with its terminal event (response.completed /
         .incomplete / .failed) with no `data: [DONE]`. A failure is reported by `_events`
-        itself (`error`, then `response.failed`, which carry the response's state); here
-        only its status is recorded."""
+        itself (`response.failed` carries the response's state); here only its status is
+        recorded."""
         try:
             async for event in events:
                 yield f"event: {event['type']}\n".encode() + sse(event)
@@ -316,12 +329,17 @@ class _Builder:
         return evs + [self._ev(f"response.{status}", response=self.response())]
 
     def fail(self, exc: Exception) -> list[dict]:
-        """The stream broke after its 200: OpenAI's `error` event, then `response.failed`
-        (clients raise on either: the SDK's stream, LangChain)."""
+        """The stream broke after its 200: one terminal `response.failed` carrying the error
+        and the output so far. Not also an `error` event: one terminal event is what clients
+        expect, and this is the one they all act on (the SDK's stream helper, LangChain and
+        the Agents SDK raise on it)."""
         err = exc.to_openai()["error"] if isinstance(exc, LoraplexError) else {
             "message": "internal error while streaming; see the server log",
-            "code": None, "param": None}
+            "type": "internal_error", "code": None, "param": None}
+        for item in (self.msg, self.call):
+            if item is not None:  # cut off mid-item
+                item["status"] = "incomplete"
         self.status = "failed"
-        self.error = {"code": err["code"] or "server_error", "message": err["message"]}
-        return [self._ev("error", code=err["code"], message=err["message"], param=err["param"]),
-                self._ev("response.failed", response=self.response())]
+        self.error = {"code": err["code"] or "server_error", "message": err["message"],
+                      "param": err["param"], "type": err["type"]}
+        return [self._ev("response.failed", response=self.response())]
