@@ -37,14 +37,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplex.adapters.adapter_format import TOOL_FORMATS as FORMAT_NAMES
 from loraplex.adapters.errors import BadRequest, ConfigError
 
 # Our format name -> vLLM's parser name; each is checked by tests/server/test_tool_parsers.py.
 # Left out: phi4_mini_json (its streaming finds no calls) and the parsers not tried here, whose
 # models bring their own special tokens and templates (deepseek, kimi, glm, gemma4, harmony...).
-TOOL_FORMATS: dict[str, str] = {name: name for name in (
-    "hermes", "qwen3_json", "qwen3_coder", "granite4", "llama3_json", "pythonic", "mistral",
-    "granite", "granite-20b-fc", "xlam")}
+# The names live in adapters/adapter_format.py (the registry checks them without vLLM).
+TOOL_FORMATS: dict[str, str] = {name: name for name in FORMAT_NAMES}
 
 ToolChoice = str | dict[str, Any] | None  # "none" | "auto" | "required" | {"type": "function", ...}
 

@@ -25,8 +25,8 @@ from fastapi import Request
 from loraplex.adapters import chat
 from loraplex.adapters.errors import BadRequest, ConfigError
 from loraplex.adapters.records import AdapterVersion
-from loraplex.server.engine.tool_parsers import ToolCallParser, ToolCallStream
-from loraplex.server.interface import Chunk, GenRequest, TokenLogprob
+from loraplex.server.engine.tool_parsers import ParsedOutput, ToolCallParser, ToolCallStream
+from loraplex.server.interface import Chunk, GenRequest, SamplingSpec, TokenLogprob
 from loraplex.server.openai.protocol import ChatCompletionRequest, RenderRequest
 from loraplex.server.openai.serving import Output, Prepared, ServingBase, finish_reason, usage
 
@@ -35,7 +35,7 @@ def _tools(tools) -> list[dict] | None:
     return [t.model_dump(exclude_none=True) for t in tools] if tools else None
 
 
-class _Tools:
+class ToolSession:
     """The tool side of one request: its format's parser and OpenAI's tool arguments."""
 
     def __init__(self, parser: ToolCallParser, req: ChatCompletionRequest):
@@ -44,6 +44,19 @@ class _Tools:
         tc = req.tool_choice
         self.choice = tc.model_dump() if hasattr(tc, "model_dump") else tc
         self.parallel = req.parallel_tool_calls
+
+    def apply(self, sampling: SamplingSpec) -> None:
+        """Constrain decoding as vLLM's server does for this format and tool_choice."""
+        d = self.parser.decoding(self.tools, self.choice, self.parallel)
+        if d.json_schema is not None or d.structural_tag is not None:
+            # A forced call (required / named) wins over response_format, as in vLLM.
+            sampling.json_object, sampling.json_schema = False, d.json_schema
+            sampling.structural_tag = d.structural_tag
+        # Markers such as <tool_call> may be special tokens: keep them for the parser.
+        sampling.skip_special_tokens = sampling.skip_special_tokens and d.skip_special_tokens
+
+    def parse(self, text: str) -> ParsedOutput:
+        return self.parser.parse(text, self.tools, self.choice, self.parallel)
 
     def stream(self) -> ToolCallStream:
         return self.parser.stream(self.tools, self.choice, self.parallel)
@@ -76,7 +89,7 @@ class ChatServing(ServingBase):
         return self._parsers[fmt]
 
     def tools_for(self, version: AdapterVersion | None, req: ChatCompletionRequest
-                  ) -> _Tools | None:
+                  ) -> ToolSession | None:
         """The request's tool handling, or None when it sends no tools or tool_choice none."""
         if not req.tools or req.tool_mode() == "none":
             return None
@@ -87,7 +100,7 @@ class ChatServing(ServingBase):
                 f"{what} has no tool format, so its tool calls cannot be parsed: register the "
                 "adapter with --tool-format (hermes, llama3_json, mistral...), or set "
                 "LORAPLEX_TOOL_FORMAT for the base; or send tool_choice none", param="tools")
-        return _Tools(self.tool_parser(fmt), req)
+        return ToolSession(self.tool_parser(fmt), req)
     def render_messages(self, v: AdapterVersion | None, messages, *, tools=None, kwargs=None,
                         add_generation_prompt: bool = True):
         template, stops, stop_ids = self.template(v)
@@ -117,13 +130,7 @@ class ChatServing(ServingBase):
         elif rf is not None and rf.type == "json_schema":
             sampling.json_schema = rf.json_schema.schema_
         if tools is not None:
-            d = tools.parser.decoding(tools.tools, tools.choice, tools.parallel)
-            if d.json_schema is not None or d.structural_tag is not None:
-                # A forced call (required / named) wins over response_format, as in vLLM.
-                sampling.json_object, sampling.json_schema = False, d.json_schema
-                sampling.structural_tag = d.structural_tag
-            # Markers such as <tool_call> may be special tokens: keep them for the parser.
-            sampling.skip_special_tokens = sampling.skip_special_tokens and d.skip_special_tokens
+            tools.apply(sampling)
         gen = GenRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, sampling)
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -150,7 +157,7 @@ class ChatServing(ServingBase):
 
 
 async def _events(chunks: AsyncIterator[tuple[int, Chunk]], gen: GenRequest, model: str,
-                  created: int, include_usage: bool, tools: _Tools | None
+                  created: int, include_usage: bool, tools: ToolSession | None
                   ) -> AsyncIterator[dict]:
     head = {"id": gen.request_id, "object": "chat.completion.chunk", "created": created,
             "model": model}
@@ -202,13 +209,13 @@ def _call_delta(c) -> dict:
     return out
 
 
-def _body(out: Output, gen: GenRequest, model: str, created: int, tools: _Tools | None) -> dict:
+def _body(out: Output, gen: GenRequest, model: str, created: int, tools: ToolSession | None) -> dict:
     choices = []
     for i in range(len(out.texts)):
         message: dict = {"role": "assistant", "content": out.texts[i]}
         reason = finish_reason(out.finish[i])
         if tools is not None:
-            parsed = tools.parser.parse(out.texts[i], tools.tools, tools.choice, tools.parallel)
+            parsed = tools.parse(out.texts[i])
             message["content"] = parsed.content
             if parsed.tool_calls:
                 message["tool_calls"] = [

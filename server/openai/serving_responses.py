@@ -24,29 +24,13 @@ from fastapi import Request
 
 from loraplex.adapters.errors import BadRequest, LoraplexError
 from loraplex.adapters.records import AdapterVersion
-from loraplex.server.engine.tool_parsers import ParsedOutput, StreamDelta
+from loraplex.server.engine.tool_parsers import StreamDelta
 from loraplex.server.interface import Chunk, GenRequest, SamplingSpec
 from loraplex.server.openai.protocol_responses import ResponsesRequest, input_param
 from loraplex.server.openai.serving import InFlight, Output, Prepared, sse
-from loraplex.server.openai.serving_chat import ChatServing, chat_logprobs
+from loraplex.server.openai.serving_chat import ChatServing, ToolSession, chat_logprobs
 
 log = logging.getLogger("loraplex.serving")
-
-
-class ToolSession:
-    """The tool side of one request, from ChatServing.tools_for (vLLM's parser for the
-    version's tool format): `parse` a whole output, or `stream()` one that .feed(delta_text,
-    token_ids, finished)s -> StreamDelta | None."""
-
-    def __init__(self, tools):
-        self.tools = tools
-
-    def parse(self, text: str) -> ParsedOutput:
-        t = self.tools
-        return t.parser.parse(text, t.tools, t.choice, t.parallel)
-
-    def stream(self):
-        return self.tools.stream()
 
 
 class ResponsesServing(ChatServing):
@@ -79,24 +63,14 @@ class ResponsesServing(ChatServing):
             body=lambda outs: _body(outs[0], _Builder(req, gen.request_id, created), tools)),
             raw)
 
-    # == TOOL PARSER HOOK =====================================================================
     def tool_session(self, req: ResponsesRequest, version: AdapterVersion | None,
                      sampling: SamplingSpec) -> ToolSession | None:
-        """The chat side's tool handling for this request (None: no tools or tool_choice
-        none, a text answer), with `sampling` set as chat sets it for a forced call; its
-        ParsedOutput / StreamDelta become function_call items in `_Builder.tool_call`.
-        Tools for a version without a tool format are chat's 400."""
+        """Chat's tool handling for this request (None: no tools, or tool_choice none), with
+        `sampling` constrained as chat does; its parsed calls become function_call items."""
         tools = self.tools_for(version, req.as_chat())
-        if tools is None:
-            return None
-        d = tools.parser.decoding(tools.tools, tools.choice, tools.parallel)
-        if d.json_schema is not None or d.structural_tag is not None:
-            # A forced call (required / named) wins over text.format, as in chat and vLLM.
-            sampling.json_object, sampling.json_schema = False, d.json_schema
-            sampling.structural_tag = d.structural_tag
-        # Markers such as <tool_call> may be special tokens: keep them for the parser.
-        sampling.skip_special_tokens = sampling.skip_special_tokens and d.skip_special_tokens
-        return ToolSession(tools)
+        if tools is not None:
+            tools.apply(sampling)
+        return tools
 
     async def _sse(self, events: AsyncIterator[dict], request_id: str, guard: InFlight):
         """OpenAI's Responses framing, which differs from chat's: each event is preceded by
