@@ -11,8 +11,10 @@ the registry's own settings (LORAPLEX_HOME, ...) are read by the registry when -
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,6 +92,20 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     seed: int = Field(0, description="seed for initialization, shuffling and dropout")
 
+    # -- hardware
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field(
+        "auto", description="where to train; auto: cuda if available, else mps, else cpu")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="compute precision (torch autocast around forward and loss; the "
+        "LoRA weights, optimizer and saved adapter stay fp32; fp16 adds a GradScaler); auto: "
+        "bf16 on a CUDA GPU that supports it, else fp32")
+    gradient_checkpointing: bool | None = Field(
+        None, description="recompute activations in backward to save memory (default: on for "
+        "a GPU, off for cpu)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel of the base; flash_attention_2 needs cuda, the "
+        "flash-attn package and bf16/fp16")
+
     # -- evaluation, checkpoints, logging
     eval_steps: int | None = Field(None, ge=1, description="eval loss every N steps (default: "
                                    "once per epoch)")
@@ -128,6 +144,9 @@ class TrainConfig(BaseModel):
         if self.tool_format is not None and self.tool_format not in TOOL_FORMATS:
             raise ValueError(f"tool_format: {self.tool_format!r} is not one of "
                              f"{', '.join(TOOL_FORMATS)}")
+        if (self.device not in ("auto", "cpu") or self.precision not in ("auto", "fp32")
+                or self.attn_implementation == "flash_attention_2"):
+            resolve_runtime(self)  # an explicit choice this machine cannot honour fails here
         if self.lora_r < 1:
             raise ValueError(f"lora_r: rank {self.lora_r} is not allowed; use a rank >= 1 "
                              "(e.g. --lora-r 8)")
@@ -163,7 +182,78 @@ class TrainConfig(BaseModel):
                 "keep_checkpoints", "resume", "progress_bar", "register_name", "alias",
                 "registry_base", "description",
                 "registry_url", "artifacts_url", "log_steps"}
-        return self.model_dump(mode="json", exclude=skip)
+        hp = self.model_dump(mode="json", exclude=skip)
+        hp.update(resolve_runtime(self).as_dict())  # what "auto" became on this machine
+        return hp
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The hardware options with "auto" resolved on this machine."""
+
+    device: str  # cuda | mps | cpu
+    precision: str  # bf16 | fp16 | fp32
+    gradient_checkpointing: bool
+    attn_implementation: str
+
+    @property
+    def gpu(self) -> bool:
+        return self.device != "cpu"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "precision": self.precision,
+                "gradient_checkpointing": self.gradient_checkpointing,
+                "attn_implementation": self.attn_implementation}
+
+    def describe(self) -> str:
+        return (f"device {self.device}, precision {self.precision}, gradient checkpointing "
+                f"{'on' if self.gradient_checkpointing else 'off'}, attention "
+                f"{self.attn_implementation}")
+
+
+def resolve_runtime(cfg: TrainConfig) -> Runtime:
+    """Resolve device/precision/gradient checkpointing/attention; ValueError (option: message)
+    when an explicit choice cannot run here."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    mps_backend = getattr(torch.backends, "mps", None)
+    mps = bool(mps_backend is not None and mps_backend.is_available())
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if cuda else "mps" if mps else "cpu"
+    elif device == "cuda" and not cuda:
+        raise ValueError("device: --device cuda, but no CUDA GPU is available (torch "
+                         f"{torch.__version__}, torch.cuda.is_available() is False); use "
+                         "--device auto or --device cpu")
+    elif device == "mps" and not mps:
+        raise ValueError("device: --device mps, but Apple MPS is not available here; use "
+                         "--device auto or --device cpu")
+    precision = cfg.precision
+    bf16_ok = device != "cuda" or torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and bf16_ok else "fp32"
+    elif precision == "bf16" and not bf16_ok:
+        raise ValueError("precision: this GPU does not support bf16; use --precision fp16 "
+                         "or fp32")
+    elif precision == "fp16" and device == "cpu":
+        raise ValueError("precision: fp16 needs a GPU (cuda or mps); on cpu use --precision "
+                         "bf16 or fp32")
+    attn = cfg.attn_implementation
+    if attn == "flash_attention_2":
+        if device != "cuda":
+            raise ValueError(f"attn_implementation: flash_attention_2 needs cuda (device is "
+                             f"{device}); use --attn-implementation sdpa")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("attn_implementation: flash_attention_2 needs the flash-attn "
+                             "package (pip install flash-attn); or use sdpa")
+        if precision == "fp32":
+            raise ValueError("attn_implementation: flash_attention_2 runs in bf16/fp16 only; "
+                             "use --precision bf16 or --attn-implementation sdpa")
+    gc = cfg.gradient_checkpointing
+    return Runtime(device=device, precision=precision,
+                   gradient_checkpointing=device != "cpu" if gc is None else gc,
+                   attn_implementation=attn)
 
 
 # -- YAML + CLI ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ what a token weighs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -36,7 +37,7 @@ from loraplex.adapters.chat import (
 )
 from loraplex.adapters.errors import ConfigError
 from loraplex.trainer import output
-from loraplex.trainer.config import TrainConfig
+from loraplex.trainer.config import TrainConfig, resolve_runtime
 from loraplex.trainer.dataset import Example, batch_order, collate, inspect_lines, prepare_data
 
 # Options that must match for --resume to continue a run (the rest may change between attempts).
@@ -73,7 +74,12 @@ class LoopState:
 
 
 class Callback:
-    """Hooks of the loop; each receives the trainer (state, model, optimizer)."""
+    """Hooks for callers (tests, benchmarks); each receives the trainer (state, model, optimizer).
+
+    The loop's own work (progress log, eval, early stopping, checkpoint) is inline in
+    `LoraTrainer.fit`; `on_step` runs after all of it, when the step is complete (its eval done and
+    its checkpoint written), and `on_eval` after each eval has been recorded.
+    """
 
     def on_begin(self, t: LoraTrainer) -> None: ...
     def on_step(self, t: LoraTrainer, logs: dict[str, Any]) -> None: ...
@@ -81,33 +87,31 @@ class Callback:
     def on_end(self, t: LoraTrainer) -> None: ...
 
 
-class ProgressBar(Callback):
-    def on_begin(self, t: LoraTrainer) -> None:
-        from tqdm.auto import tqdm
+class ProgressLog:
+    """progress.jsonl: a line every `every` steps (step, loss, lr, tokens/s, ETA) and per eval,
+    plus the tqdm bar on stderr when `bar` is set."""
 
-        self.bar = tqdm(total=t.state.total_steps, initial=t.state.step, unit="step",
-                        desc="train", file=sys.stderr, dynamic_ncols=True)
-
-    def on_step(self, t: LoraTrainer, logs: dict[str, Any]) -> None:
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs['lr']:.1e}", refresh=False)
-
-    def on_end(self, t: LoraTrainer) -> None:
-        self.bar.close()
-
-
-class JsonlLog(Callback):
-    """progress.jsonl: a line every `every` steps (step, loss, lr, tokens/s, ETA) and per eval."""
-
-    def __init__(self, path: Path, every: int):
-        self.path, self.every = path, every
+    def __init__(self, path: Path, every: int, bar: bool):
+        self.path, self.every, self.show_bar = path, every, bar
         self.window: list[dict[str, Any]] = []
+        self.bar: Any = None
 
     def _write(self, rec: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    def on_step(self, t: LoraTrainer, logs: dict[str, Any]) -> None:
+    def begin(self, t: LoraTrainer) -> None:
+        if self.show_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=t.state.total_steps, initial=t.state.step, unit="step",
+                            desc="train", file=sys.stderr, dynamic_ncols=True)
+
+    def step(self, t: LoraTrainer, logs: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs['lr']:.1e}",
+                                 refresh=False)
         self.window.append(logs)
         s = t.state
         if s.step % self.every and s.step != s.total_steps:
@@ -123,38 +127,12 @@ class JsonlLog(Callback):
             "elapsed_s": round(s.train_time_s, 2)})
         self.window = []
 
-    def on_eval(self, t: LoraTrainer, eval_loss: float) -> None:
+    def eval(self, t: LoraTrainer, eval_loss: float) -> None:
         self._write({"event": "eval", "step": t.state.step, "eval_loss": round(eval_loss, 5)})
 
-
-class EarlyStopping(Callback):
-    """Stop after `patience` evals without an improvement of `min_delta`; keep the best weights."""
-
-    def __init__(self, patience: int, min_delta: float):
-        self.patience, self.min_delta = patience, min_delta
-
-    def on_eval(self, t: LoraTrainer, eval_loss: float) -> None:
-        s = t.state
-        if s.best_eval is None or eval_loss < s.best_eval - self.min_delta:
-            s.best_eval, s.best_step, s.evals_without_improvement = eval_loss, s.step, 0
-            t.best_weights = {k: v.detach().clone() for k, v in t.trainable().items()}
-        else:
-            s.evals_without_improvement += 1
-            if s.evals_without_improvement >= self.patience:
-                s.should_stop = s.stopped_early = True
-
-    def on_end(self, t: LoraTrainer) -> None:
-        if t.best_weights is not None and t.state.best_step != t.state.step:
-            t.load_trainable(t.best_weights)
-
-
-class Checkpointer(Callback):
-    def __init__(self, every: int | None):
-        self.every = every
-
-    def on_step(self, t: LoraTrainer, logs: dict[str, Any]) -> None:
-        if self.every and t.state.step % self.every == 0 and t.state.step < t.state.total_steps:
-            t.save_checkpoint()
+    def end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # -- the trainer ---------------------------------------------------------------------------------
@@ -174,7 +152,15 @@ class LoraTrainer:
         total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
         self.state = LoopState(total_steps=total)
         self.best_weights: dict[str, Any] | None = None
+        self.runtime = resolve_runtime(cfg)
+        self.device = next(model.parameters()).device
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            self.runtime.precision)
+        # fp16 gradients of small losses underflow: scale the loss, unscale before clipping.
+        self.scaler = (torch.amp.GradScaler(self.device.type)
+                       if self.runtime.precision == "fp16" else None)
         self.start_step = 0
+        self.progress = ProgressLog(run_dir / "progress.jsonl", cfg.log_steps, cfg.progress_bar)
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = round(cfg.warmup_ratio * total)
@@ -196,15 +182,29 @@ class LoraTrainer:
         return self.state.batch_pos / max(1, self.batches_per_epoch)
 
     # -- loss
+    def autocast(self) -> Any:
+        """Mixed precision around forward and loss (bf16/fp16); nothing for fp32."""
+        import torch
+
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
     def _loss_sum(self, batch: dict[str, Any]) -> tuple[Any, int]:
+        import torch
         import torch.nn.functional as F
 
         labels = batch.pop("labels")
-        logits = self.model(**batch).logits
-        target = labels[:, 1:]
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                               target.reshape(-1), ignore_index=-100, reduction="sum")
-        return loss, int((target != -100).sum())
+        n = int((labels[:, 1:] != -100).sum())
+        inputs: dict[str, Any] = {k: v.to(self.device, non_blocking=True)
+                                  if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        inputs.setdefault("use_cache", False)  # no KV cache for a loss (and none with checkpointing)
+        target = labels[:, 1:].to(self.device, non_blocking=True)
+        with self.autocast():
+            logits = self.model(**inputs).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                                   target.reshape(-1), ignore_index=-100, reduction="sum")
+        return loss, n
 
     def evaluate(self) -> float:
         import torch
@@ -220,60 +220,105 @@ class LoraTrainer:
         self.model.train()
         return total / max(n, 1)
 
+    # -- the loop
+    def _train_step(self, micro: list[list[int]]) -> dict[str, Any]:
+        """One optimizer step over the micro-batches `micro`; returns its log record."""
+        import torch
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batches = [collate([self.train_set[i] for i in b], self.pad_id, cfg.packing)
+                   for b in micro]
+        n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
+                     else b["input_ids"].numel() for b in batches)
+        loss_total = 0.0
+        for b in batches:
+            loss, _ = self._loss_sum(b)
+            scaled = loss / max(n_labels, 1)
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_total += float(loss.detach())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], cfg.max_grad_norm)
+        lr = self.opt.param_groups[0]["lr"]
+        if self.scaler is not None:
+            self.scaler.step(self.opt)  # skipped when the gradients overflowed
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"loss": loss_total / max(n_labels, 1), "lr": lr, "tokens": tokens,
+                "seconds": time.perf_counter() - t0}
+
     def _eval(self) -> None:
+        """Eval now, record it, and update the best weights / early-stopping counter."""
+        s, cfg = self.state, self.cfg
         loss = self.evaluate()
-        self.state.eval_loss.append((self.state.step, loss))
+        s.eval_loss.append((s.step, loss))
+        self.progress.eval(self, loss)
+        if cfg.early_stopping_patience:
+            if s.best_eval is None or loss < s.best_eval - cfg.early_stopping_min_delta:
+                s.best_eval, s.best_step, s.evals_without_improvement = loss, s.step, 0
+                self.best_weights = {k: v.detach().clone() for k, v in self.trainable().items()}
+            else:
+                s.evals_without_improvement += 1
+                if s.evals_without_improvement >= cfg.early_stopping_patience:
+                    s.should_stop = s.stopped_early = True
         for cb in self.callbacks:
             cb.on_eval(self, loss)
 
-    # -- the loop
-    def fit(self) -> LoopState:
-        import torch
+    def _epoch_end_eval_due(self) -> bool:
+        """Without --eval-steps: eval at each epoch boundary (the final eval comes after the loop)."""
+        s = self.state
+        return bool(self.eval_set) and not self.cfg.eval_steps and s.step < s.total_steps
 
+    def fit(self) -> LoopState:
+        """Train to total_steps (or an early stop). Each step, in this order: the optimizer step,
+        its progress log, its eval (+ early stopping) when due, then its checkpoint when due, so
+        a checkpoint holds the eval of its own step and a resumed run repeats nothing and skips
+        nothing."""
         s, cfg = self.state, self.cfg
         self.start_step = s.step
         self.model.train()
+        self.progress.begin(self)
         for cb in self.callbacks:
             cb.on_begin(self)
+        if s.batch_pos >= self.batches_per_epoch:  # a checkpoint from before the epoch rollover
+            s.epoch, s.batch_pos = s.epoch + 1, 0
+            if self._epoch_end_eval_due() and (not s.eval_loss or s.eval_loss[-1][0] != s.step):
+                self._eval()
+        order, order_epoch = None, -1
         while s.step < s.total_steps and not s.should_stop:
-            order = batch_order(self.lengths, cfg.batch_size, cfg.seed, s.epoch)
-            while s.batch_pos < len(order) and s.step < s.total_steps and not s.should_stop:
-                t0 = time.perf_counter()
-                micro = order[s.batch_pos:s.batch_pos + cfg.grad_accum]
-                batches = [collate([self.train_set[i] for i in b], self.pad_id, cfg.packing)
-                           for b in micro]
-                n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-                tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
-                             else b["input_ids"].numel() for b in batches)
-                loss_total = 0.0
-                for b in batches:
-                    loss, _ = self._loss_sum(b)
-                    (loss / max(n_labels, 1)).backward()
-                    loss_total += float(loss.detach())
-                torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"],
-                                               cfg.max_grad_norm)
-                lr = self.opt.param_groups[0]["lr"]
-                self.opt.step()
-                self.sched.step()
-                self.opt.zero_grad(set_to_none=True)
-                s.batch_pos += len(micro)
-                s.step += 1
-                s.tokens += tokens
-                dt = time.perf_counter() - t0
-                s.train_time_s += dt
-                loss_value = loss_total / max(n_labels, 1)
-                s.train_loss.append((s.step, loss_value))
-                logs = {"loss": loss_value, "lr": lr, "tokens": tokens, "seconds": dt}
-                for cb in self.callbacks:
-                    cb.on_step(self, logs)
-                if self.eval_set and cfg.eval_steps and s.step % cfg.eval_steps == 0:
-                    self._eval()
-            if s.batch_pos >= len(order):
+            if order_epoch != s.epoch:
+                order, order_epoch = batch_order(self.lengths, cfg.batch_size, cfg.seed,
+                                                 s.epoch), s.epoch
+            assert order is not None
+            micro = order[s.batch_pos:s.batch_pos + cfg.grad_accum]
+            logs = self._train_step(micro)
+            s.batch_pos += len(micro)
+            s.step += 1
+            s.tokens += logs["tokens"]
+            s.train_time_s += logs["seconds"]
+            s.train_loss.append((s.step, logs["loss"]))
+            epoch_done = s.batch_pos >= len(order)
+            if epoch_done:
                 s.epoch, s.batch_pos = s.epoch + 1, 0
-                if self.eval_set and not cfg.eval_steps and s.step < s.total_steps:
-                    self._eval()
+            # 1. log  2. eval + early stopping  3. checkpoint (holding 1 and 2)  4. caller hooks
+            self.progress.step(self, logs)
+            if (self.eval_set and cfg.eval_steps and s.step % cfg.eval_steps == 0) or (
+                    epoch_done and self._epoch_end_eval_due()):
+                self._eval()
+            if cfg.save_steps and s.step % cfg.save_steps == 0 and s.step < s.total_steps:
+                self.save_checkpoint()
+            for cb in self.callbacks:
+                cb.on_step(self, logs)
         if self.eval_set and (not s.eval_loss or s.eval_loss[-1][0] != s.step):
             self._eval()
+        if self.best_weights is not None and s.best_step != s.step:
+            self.load_trainable(self.best_weights)
+        self.progress.end()
         for cb in self.callbacks:
             cb.on_end(self)
         return s
@@ -293,8 +338,13 @@ class LoraTrainer:
         if self.best_weights is not None:
             save_file({k: v.contiguous() for k, v in self.best_weights.items()},
                       str(tmp / "best.safetensors"))
-        torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
+        optim = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            optim["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.scaler is not None:
+            optim["scaler"] = self.scaler.state_dict()
+        torch.save(optim, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"state": asdict(self.state), **self.meta}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -320,10 +370,14 @@ class LoraTrainer:
         self.load_trainable(load_file(str(path / "trainable.safetensors")))
         if (path / "best.safetensors").is_file():
             self.best_weights = load_file(str(path / "best.safetensors"))
-        optim = torch.load(path / "optim.pt", weights_only=True)
+        optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
         self.opt.load_state_dict(optim["optimizer"])
         self.sched.load_state_dict(optim["scheduler"])
         torch.set_rng_state(optim["torch_rng"])
+        if "cuda_rng" in optim and self.device.type == "cuda":
+            torch.cuda.set_rng_state(optim["cuda_rng"], self.device)
+        if "scaler" in optim and self.scaler is not None:
+            self.scaler.load_state_dict(optim["scaler"])
         st = saved["state"]
         st["train_loss"] = [tuple(x) for x in st["train_loss"]]
         st["eval_loss"] = [tuple(x) for x in st["eval_loss"]]
@@ -364,6 +418,7 @@ def generate(model: Any, tokenizer: ChatTokenizer, template: str, prompts: list[
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
@@ -374,7 +429,8 @@ def generate(model: Any, tokenizer: ChatTokenizer, template: str, prompts: list[
             for row, i in enumerate(idx):
                 ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
                 mask[row, width - len(encoded[i]):] = 1
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 do_sample=False,
                                  max_new_tokens=max_new_tokens, eos_token_id=stops or None,
                                  pad_token_id=pad)
             for row, i in enumerate(idx):
@@ -400,13 +456,27 @@ def exact_match(model: Any, tokenizer: ChatTokenizer, template: str, examples: l
 # -- the run -------------------------------------------------------------------------------------
 
 def load_model(base: Path, cfg: TrainConfig) -> Any:
-    """The base in float32 with a fresh LoRA (seeded) from PEFT."""
+    """The base with a fresh LoRA (seeded) from PEFT, on the resolved device.
+
+    The base is float32 on cpu and in the compute precision (bf16/fp16) on a GPU, where it is
+    frozen and its memory matters; the LoRA weights are float32 everywhere (the optimizer updates
+    them in full precision and the adapter is saved in float32; vLLM casts it at load).
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    rt = resolve_runtime(cfg)
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(rt.precision, torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base), dtype=dtype if rt.gpu else torch.float32,
+        attn_implementation=rt.attn_implementation)
+    if rt.gradient_checkpointing:
+        # Non-reentrant checkpointing saves and restores the RNG state, so dropout masks are the
+        # same in the recomputation; input grads let PEFT's frozen embeddings feed the LoRA layers.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     targets = cfg.target_modules
     lora = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -414,9 +484,13 @@ def load_model(base: Path, cfg: TrainConfig) -> Any:
         use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias="none", task_type="CAUSAL_LM",
         modules_to_save=cfg.modules_to_save or None)
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as exc:  # e.g. target modules not found in the base
         raise ConfigError(f"cannot build the LoRA model: {exc}", param="target_modules") from None
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model.to(rt.device)
 
 
 def run(cfg: TrainConfig, *, callbacks: list[Callback] | None = None,
@@ -458,21 +532,16 @@ def run(cfg: TrainConfig, *, callbacks: list[Callback] | None = None,
 
     model = load_model(base, cfg)
     pad_id = pad_token_id(tokenizer, 0)  # padded positions are masked: any id would do
-    cbs: list[Callback] = [JsonlLog(run_dir / "progress.jsonl", cfg.log_steps),
-                           Checkpointer(cfg.save_steps)]
-    if cfg.early_stopping_patience:
-        cbs.append(EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta))
-    if cfg.progress_bar:
-        cbs.insert(0, ProgressBar())
     trainer = LoraTrainer(cfg, model, data.train, data.eval, pad_id, run_dir, meta,
-                          cbs + list(callbacks or []))
+                          list(callbacks or []))
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
         log(f"resumed from {resume_from} (step {trainer.state.step}, epoch "
             f"{trainer.state.epoch}, batch {trainer.state.batch_pos})")
     log(f"training {trainer.state.total_steps} steps: {len(data.train)} examples, batch "
         f"{cfg.batch_size} x {cfg.grad_accum}, LoRA r={cfg.lora_r} on "
-        f"{', '.join(cfg.target_modules)}, template {template_label(template)}")
+        f"{', '.join(cfg.target_modules)}, template {template_label(template)}; "
+        f"{trainer.runtime.describe()}")
     state = trainer.fit()
     tokens_per_s = state.tokens / max(state.train_time_s, 1e-9)
     log(f"trained {state.step} steps in {state.train_time_s:.1f}s ({tokens_per_s:.0f} tokens/s)"
