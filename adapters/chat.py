@@ -60,7 +60,7 @@ from loraplex.adapters.fingerprint import read_chat_template, read_json
 
 log = logging.getLogger(__name__)
 
-BUILTIN_TEMPLATES = ("chatml", "llama2", "alpaca")
+BUILTIN_TEMPLATES = ("chatml", "llama2", "alpaca", "hermes")
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
                  "mask_token")
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -521,19 +521,27 @@ def render(template: str, messages: Any, tok: ChatTokenizer, *,
 
 
 def render_for_training(template: str, messages: Any, tok: ChatTokenizer,
-                        train_on_inputs: bool = False) -> TrainingRender:
+                        train_on_inputs: bool = False,
+                        tools: list[dict] | None = None) -> TrainingRender:
     """Token ids and labels of a whole conversation (see the module doc for spans and cuts);
-    with `train_on_inputs`, every token is labelled."""
+    with `train_on_inputs`, every token is labelled. `tools` (OpenAI tool definitions) reach
+    the template in every render, as in `render`; they are never labelled."""
     msgs = validate_messages(messages, template)
     if not any(m["role"] == "assistant" for m in msgs):
         raise BadRequest("a training conversation needs at least one assistant message",
                          param="messages")
+    if tools and "tools" not in template_variables(template):
+        raise BadRequest(f"chat template {template_label(template)} does not read `tools`: the "
+                         "tool definitions would not be in the prompt; use a template with tool "
+                         "support (e.g. hermes)", param="chat_template")
     marked = bool(_GENERATION_TAG.search(template))
-    text, spans = _render_text(template, msgs, False, tok.special_tokens, track=marked)
+    text, spans = _render_text(template, msgs, False, tok.special_tokens, track=marked,
+                               tools=tools)
     if not marked:
         if not tok._stop_info(template)[1]:
             _warn_no_end_of_turn(template)
-        spans = _assistant_spans(template, msgs, text, tok)
+        spans = _assistant_spans(template, msgs, text, tok, tools)
+    _check_calls_labelled(template, msgs, text, spans)
     ids, starts, cuts = _tokenize_at(tok, text, [s for s, e in spans if e > s])
     if train_on_inputs:
         labels = list(ids)
@@ -563,20 +571,57 @@ def _tokenize_at(tok: ChatTokenizer, text: str, bounds: list[int]
     return out_ids, out_starts, len(dirty)
 
 
-def _assistant_spans(template: str, msgs: list[dict[str, str]], text: str,
-                     tok: ChatTokenizer) -> list[tuple[int, int]]:
-    """(start, end) characters of each assistant turn's labels (see the module doc)."""
+def _check_calls_labelled(template: str, msgs: list[dict[str, Any]], text: str,
+                          spans: list[tuple[int, int]]) -> None:
+    """Every tool call's name must be in the labelled text: a template without tool support
+    (ChatML writes only the content) would otherwise train an empty answer in its place."""
+    labelled = "\0".join(text[s:e] for s, e in spans)
+    for i, m in enumerate(msgs):
+        for j, call in enumerate(m.get("tool_calls") or []):
+            if call["function"]["name"] not in labelled:
+                raise BadRequest(f"chat template {template_label(template)} does not write "
+                                 f"messages[{i}].tool_calls[{j}] ({call['function']['name']}) "
+                                 "into the assistant's turn, so the model would not learn the "
+                                 "call; use a template with tool support (e.g. hermes)",
+                                 param="chat_template")
+
+
+def _calls_only(m: dict[str, Any]) -> bool:
+    """An assistant turn that only calls tools (OpenAI `content: null`)."""
+    return m["role"] == "assistant" and bool(m.get("tool_calls")) and not m["content"]
+
+
+def _assistant_spans(template: str, msgs: list[dict[str, Any]], text: str,
+                     tok: ChatTokenizer, tools: list[dict] | None = None
+                     ) -> list[tuple[int, int]]:
+    """(start, end) characters of each assistant turn's labels (see the module doc).
+
+    A turn with tool calls is labelled whole, calls included: from the end of its generation
+    prompt to the end-of-turn token that closes it. A turn that only calls tools has no
+    content to find, so its generation prompt must be a prefix of the text (it is for
+    ChatML/Hermes, Llama 3.1, Mistral); otherwise the row is refused with a pointer to
+    `{% generation %}` markers."""
     stops, found = tok._stop_info(template)
     eot = stops[0] if found and stops else None
     spans: list[tuple[int, int]] = []
     prev_end = 0
     turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-    for i, (cs, ce) in zip(turns, _content_spans(template, msgs, text, tok)):
+    for i, where in zip(turns, _content_spans(template, msgs, text, tok, tools)):
         try:
-            gen, _ = _render_text(template, msgs[:i], True, tok.special_tokens)
+            gen, _ = _render_text(template, msgs[:i], True, tok.special_tokens, tools=tools)
         except BadRequest:  # e.g. a template that refuses a conversation ending in a user turn
             gen = None
-        if gen is not None and text.startswith(gen) and prev_end <= len(gen) <= cs:
+        stable = gen is not None and text.startswith(gen) and prev_end <= len(gen)
+        if where is None:  # tool calls only: the answer starts where the served prompt ends
+            if not stable:
+                raise BadRequest(f"chat template {template_label(template)} does not render "
+                                 f"messages[{i}] (an assistant turn that only calls tools) after "
+                                 "the prompt the server would send for it, so the tokens to train "
+                                 "on cannot be found; mark them with {% generation %}",
+                                 param="chat_template")
+            where = (len(gen), len(gen))
+        cs, ce = where
+        if stable and len(gen) <= cs:
             start = len(gen)
         else:
             # Not prefix-stable here: the content plus the whitespace the template put before it
@@ -585,51 +630,76 @@ def _assistant_spans(template: str, msgs: list[dict[str, str]], text: str,
             ws = len(before) - len(before.rstrip())
             gws = len(gen) - len(gen.rstrip()) if gen else 0
             start = max(prev_end, cs - max(0, ws - gws))
-        end = ce
-        if eot:
-            after = text[ce:]
-            gap = len(after) - len(after.lstrip())
-            if after[gap:].startswith(eot):
-                end = ce + gap + len(eot)
+        end = _turn_end(template, msgs, i, text, ce, eot, tok, tools) if eot else ce
         spans.append((start, end))
         prev_end = end
     return spans
 
 
-def _content_spans(template: str, msgs: list[dict[str, str]], text: str,
-                   tok: ChatTokenizer) -> list[tuple[int, int]]:
-    """Where each assistant message's content lands in `text`: render once more with each
-    content replaced by a unique marker, then read the text between the literal pieces."""
-    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-    marks = [f"\ue000LPX{k}\ue001" for k in range(len(turns))]  # private-use: never real text
-    probe = [dict(m) for m in msgs]
-    for k, i in enumerate(turns):
-        probe[i]["content"] = marks[k]
+def _turn_end(template: str, msgs: list[dict[str, Any]], i: int, text: str, ce: int, eot: str,
+              tok: ChatTokenizer, tools: list[dict] | None) -> int:
+    """The end of the end-of-turn token that closes assistant message `i`, whose content ends
+    at `ce`: the first `eot` after the content, if only whitespace comes before it, or, when the
+    template wrote more of this turn first (its tool calls), if it still lies in the text the
+    template writes for the conversation up to this message (before the next message's text).
+    Otherwise `ce`: the turn has no end-of-turn token of its own."""
+    at = text.find(eot, ce)
+    if at < 0:
+        return ce
+    if not text[ce:at].strip():
+        return at + len(eot)
     try:
-        ptext, _ = _render_text(template, probe, False, tok.special_tokens)
+        through, _ = _render_text(template, msgs[:i + 1], False, tok.special_tokens, tools=tools)
+    except BadRequest:
+        return ce
+    limit = 0
+    for a, b in zip(through, text):
+        if a != b:
+            break
+        limit += 1
+    return at + len(eot) if at + len(eot) <= limit else ce
+
+
+def _content_spans(template: str, msgs: list[dict[str, Any]], text: str,
+                   tok: ChatTokenizer, tools: list[dict] | None = None
+                   ) -> list[tuple[int, int] | None]:
+    """Where each assistant message's content lands in `text` (None for a turn that only calls
+    tools: `_assistant_spans` places it): render once more with each content replaced by a
+    unique marker, then read the text between the literal pieces. Tool-call-only turns keep
+    their empty content in that render (a marker would change what the template writes: Qwen
+    writes "\\n" + content before the calls only when there is content)."""
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    content_turns = [i for i in turns if not _calls_only(msgs[i])]
+    marks = [f"\ue000LPX{k}\ue001" for k in range(len(content_turns))]  # private-use: never real
+    probe = [dict(m) for m in msgs]
+    for k, i in enumerate(content_turns):
+        probe[i]["content"] = marks[k]
+    found: dict[int, tuple[int, int]] = {}
+    try:
+        ptext, _ = _render_text(template, probe, False, tok.special_tokens, tools=tools)
     except BadRequest:
         ptext = ""
     if ptext and all(ptext.count(mk) == 1 for mk in marks):
-        pieces = re.split("|".join(map(re.escape, marks)), ptext)
+        pieces = re.split("|".join(map(re.escape, marks)), ptext) if marks else [ptext]
         order = [ptext.index(mk) for mk in marks]
         if order == sorted(order) and text.startswith(pieces[0]) and text.endswith(pieces[-1]):
-            spans, pos, ok = [], len(pieces[0]), True
-            for k in range(len(turns)):
-                if k == len(turns) - 1:
+            pos, ok = len(pieces[0]), True
+            for k, i in enumerate(content_turns):
+                if k == len(content_turns) - 1:
                     end = len(text) - len(pieces[-1])
                 else:
                     end = text.find(pieces[k + 1], pos) if pieces[k + 1] else -1
                 if end < pos:
                     ok = False
                     break
-                spans.append((pos, end))
+                found[i] = (pos, end)
                 pos = end + len(pieces[k + 1])
             if ok:
-                return spans
+                return [found.get(i) for i in turns]
     # The template treats the marker differently from the content (it parses it): find the
     # content itself, in order.
-    spans, pos = [], 0
-    for i in turns:
+    found, pos = {}, 0
+    for i in content_turns:
         content = msgs[i]["content"]
         needle = content if content and content in text[pos:] else content.strip()
         at = text.find(needle, pos) if needle else -1
@@ -638,9 +708,9 @@ def _content_spans(template: str, msgs: list[dict[str, str]], text: str,
                              f"messages[{i}] (assistant) into the text as given, so the tokens "
                              "to train on cannot be found; mark them with {% generation %}",
                              param="chat_template")
-        spans.append((at, at + len(needle)))
+        found[i] = (at, at + len(needle))
         pos = at + len(needle)
-    return spans
+    return [found.get(i) for i in turns]
 
 
 @functools.lru_cache(maxsize=64)

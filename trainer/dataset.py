@@ -45,11 +45,12 @@ MAX_LISTED = 50  # rejected rows printed on the console; all of them go to rejec
 @dataclass
 class Example:
     source: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     input_ids: list[int]
     labels: list[int]
     cuts: int = 0  # label starts where the boundary rule cut a merged token (docs/rendering.md)
     dropped: int = 0  # messages the template did not write into the text
+    tools: list[dict[str, Any]] | None = None  # the row's tool definitions (in the prompt)
 
     @property
     def n_labels(self) -> int:
@@ -125,12 +126,29 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _dedup_key(msgs: list[dict[str, str]], mode: str) -> str:
+def _identity(msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Any:
+    """What makes a row: its messages, and its tools when it has any (rows without tools hash
+    as they always did)."""
+    return {"messages": msgs, "tools": tools} if tools else msgs
+
+
+def _dedup_key(msgs: list[dict[str, Any]], mode: str,
+               tools: list[dict[str, Any]] | None = None) -> str:
     if mode == "normalized":  # case, whitespace and punctuation do not make a new example
-        msgs = [{"role": m["role"],
-                 "content": " ".join(re.sub(r"[^\w\s]", " ", m["content"].casefold()).split())}
-                for m in msgs]
-    return hashlib.sha256(json.dumps(msgs, sort_keys=True).encode()).hexdigest()
+        msgs = [{**m, "content": " ".join(re.sub(r"[^\w\s]", " ", m["content"].casefold())
+                                          .split())} for m in msgs]
+    key = json.dumps(_identity(msgs, tools), sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _row_texts(row: Row) -> list[str]:
+    """Every text of a row the template writes: contents, tool calls, tool definitions."""
+    texts = [m["content"] for m in row.messages]
+    texts += [json.dumps(m["tool_calls"], ensure_ascii=False)
+              for m in row.messages if m.get("tool_calls")]
+    if row.tools:
+        texts.append(json.dumps(row.tools, ensure_ascii=False))
+    return texts
 
 
 def _tokenize(rows: list[Row], cfg: TrainConfig, tokenizer: ChatTokenizer, template: str,
@@ -138,14 +156,14 @@ def _tokenize(rows: list[Row], cfg: TrainConfig, tokenizer: ChatTokenizer, templ
     specials = tokenizer.added_tokens
     out: list[Example] = []
     for row in rows:
-        hit = next((t for m in row.messages for t in specials if t in m["content"]), None)
+        hit = next((t for x in _row_texts(row) for t in specials if t in x), None)
         if hit is not None:
             rejected.append(Rejected(row.source, "special_token", f"the text contains the special "
                                      f"token {hit!r}, which would break the turn structure"))
             continue
         try:
             r = render_for_training(template, row.messages, tokenizer,
-                                    train_on_inputs=cfg.train_on_inputs)
+                                    train_on_inputs=cfg.train_on_inputs, tools=row.tools)
         except BadRequest as exc:
             rejected.append(Rejected(row.source, "template_error", exc.message))
             continue
@@ -163,7 +181,8 @@ def _tokenize(rows: list[Row], cfg: TrainConfig, tokenizer: ChatTokenizer, templ
             rejected.append(Rejected(row.source, "too_long_filter", f"filtered: {len(ids)} tokens "
                                      f"> --max-tokens {cfg.max_tokens}"))
             continue
-        out.append(Example(row.source, row.messages, ids, r.labels, r.cuts, len(r.dropped)))
+        out.append(Example(row.source, row.messages, ids, r.labels, r.cuts, len(r.dropped),
+                           row.tools))
     return out
 
 
@@ -173,7 +192,7 @@ def _dedup(examples: list[Example], mode: str, seen: dict[str, str],
         return examples
     kept = []
     for ex in examples:
-        key = _dedup_key(ex.messages, mode)
+        key = _dedup_key(ex.messages, mode, ex.tools)
         if key in seen:
             rejected.append(Rejected(ex.source, "duplicate",
                                      f"{mode} duplicate of {seen[key]}"))
@@ -223,7 +242,8 @@ def prepare_data(cfg: TrainConfig, tokenizer: ChatTokenizer, template: str) -> P
     for part, exs in (("train", train), ("eval", held)):
         h.update(part.encode())
         for ex in exs:
-            h.update(json.dumps(ex.messages, sort_keys=True).encode() + b"\n")
+            h.update(json.dumps(_identity(ex.messages, ex.tools), sort_keys=True).encode()
+                     + b"\n")
     report.data_sha256 = "sha256:" + h.hexdigest()
 
     if cfg.strict and rejected:

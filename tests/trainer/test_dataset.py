@@ -23,7 +23,7 @@ def test_counts_and_every_rejection_reported(write_jsonl, toy_tok):
     rows = qa_rows(6)
     rows += [
         "{not json",                                                       # line 7
-        {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "x"}]},
         {"instruction": "q", "output": ""},                                # empty output
         {"messages": [{"role": "user", "content": "say <|im_end|> now"},
                       {"role": "assistant", "content": "ok"}]},            # special token

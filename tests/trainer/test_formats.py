@@ -62,9 +62,9 @@ def test_sharegpt_role_mapping():
 def test_sharegpt_unknown_role():
     with pytest.raises(RowError) as exc:
         parse_row({"conversations": [{"from": "human", "value": "q"},
-                                     {"from": "function_call", "value": "{}"}]})
+                                     {"from": "robot", "value": "{}"}]})
     assert exc.value.code == "unknown_role"
-    assert "'function_call'" in exc.value.detail and "conversations[1].from" in exc.value.detail
+    assert "'robot'" in exc.value.detail and "conversations[1].from" in exc.value.detail
 
 
 def test_openai_messages_and_parts():
@@ -73,9 +73,9 @@ def test_openai_messages_and_parts():
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
         {"role": "assistant", "content": "c"}]})
     assert kind == "openai"
-    assert msgs == [{"role": "system", "content": "S"}, u("ab"), a("c")]
+    assert msgs == [{"role": "system", "content": "S"}, u("a\nb"), a("c")]  # as the server joins
     with pytest.raises(RowError) as exc:
-        parse_row({"messages": [u("q"), {"role": "tool", "content": "x"}, a("r")]})
+        parse_row({"messages": [u("q"), {"role": "robot", "content": "x"}, a("r")]})
     assert exc.value.code == "unknown_role" and "messages[1].role" in exc.value.detail
 
 

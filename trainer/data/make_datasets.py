@@ -10,10 +10,16 @@ Small tasks with one verifiable answer each, built from the toy corpus vocabular
                                    word is every item in this list: plum, fig, lemon" -> "A fruit."
 - numbers.openai[.heldout].jsonl   OpenAI messages with a system prompt: "Say red if 73 is more
                                    than 50, else say blue."
+- tools.openai[.heldout].jsonl     OpenAI messages with `tools` (get_weather(city), add(a, b)):
+                                   "What is the weather in Oslo?" -> a get_weather call; half the
+                                   rows go on: the tool's result -> "It is cold." / "3 plus 4 is
+                                   7." (train with --chat-template hermes)
 
 Held-out rows use words and numbers that never appear in the training rows (lists: list
 questions that never appear there), so held-out exact match measures the learned skill on unseen
-inputs, not memorised answers.
+inputs, not memorised answers. tools: every city and every phrasing is in training, but not
+together: held-out rows ask about a city in a phrasing never used for it there (the toy cannot
+copy an unseen name, see below), and add held-out pairs never occur in training.
 
 Two properties of the toy base (5M parameters, a few hundred pre-training steps) shape these
 tasks. It cannot copy from its prompt (asked to "Repeat after me: cat plum red" it says "silver
@@ -114,6 +120,67 @@ def numbers(r: random.Random) -> tuple[list[dict], list[dict]]:
     return train, held
 
 
+# tools: both functions are offered in every row (as a client sends its tool list with each
+# request); the toy must pick one from the question and fill its arguments from a closed set.
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "add", "description": "Add two numbers.",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
+                                                        "b": {"type": "integer"}},
+                       "required": ["a", "b"]}}},
+]
+CITIES = ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Madrid", "Berlin"]
+WEATHER_QS = ("What is the weather in {}?", "How is the weather in {} today?",
+              "Tell me the weather in {}.", "Is it cold in {} now?", "Weather for {}, please.")
+# The tool's answers and what the assistant says about them: words the toy knows well.
+WEATHER = {"cold": "It is cold.", "warm": "It is warm."}
+ADD_QS = ("What is {} plus {}?", "Add {} and {}.", "What do {} and {} add up to?")
+
+
+def tool_row(question: str, name: str, args: dict, result: str | None = None,
+             answer: str | None = None) -> dict:
+    """A user question answered by one tool call; with a result, the final answer after it."""
+    call = {"id": "call_0", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args)}}
+    msgs = [{"role": "user", "content": question},
+            {"role": "assistant", "content": None, "tool_calls": [call]}]
+    if result is not None:
+        msgs += [{"role": "tool", "tool_call_id": "call_0", "content": result},
+                 {"role": "assistant", "content": answer}]
+    return {"tools": TOOLS, "messages": msgs}
+
+
+def tools(r: random.Random) -> tuple[list[dict], list[dict]]:
+    def weather(city: str, q: str, follow: bool) -> dict:
+        if not follow:
+            return tool_row(q.format(city), "get_weather", {"city": city})
+        w = r.choice(list(WEATHER))
+        return tool_row(q.format(city), "get_weather", {"city": city},
+                        json.dumps({"city": city, "weather": w}), WEATHER[w])
+
+    def add(a: int, b: int, q: str, follow: bool) -> dict:
+        if not follow:
+            return tool_row(q.format(a, b), "add", {"a": a, "b": b})
+        return tool_row(q.format(a, b), "add", {"a": a, "b": b}, str(a + b),
+                        f"{a} plus {b} is {a + b}.")
+
+    train, held = [], []
+    for k, city in enumerate(CITIES):  # each city's held-out phrasing is a different one
+        for j, q in enumerate(WEATHER_QS):
+            rows = [weather(city, q, False), weather(city, q, True)]
+            (held if j == k % len(WEATHER_QS) else train).extend(rows)
+    train_pairs, held_pairs = split([(a, b) for a in range(1, 10) for b in range(1, 10)], 0.2, r)
+    for pairs, out in ((train_pairs[:30], train), (held_pairs[:8], held)):
+        for a, b in pairs:
+            out.append(add(a, b, r.choice(ADD_QS), r.random() < 0.5))
+    r.shuffle(train)
+    return train, held
+
+
 def write(name: str, rows: list[dict]) -> None:
     with open(OUT / name, "w") as f:
         for row in rows:
@@ -123,7 +190,7 @@ def write(name: str, rows: list[dict]) -> None:
 
 def main(seed: int = 4) -> None:
     for stem, make in (("words.alpaca", words), ("lists.sharegpt", lists),
-                       ("numbers.openai", numbers)):
+                       ("numbers.openai", numbers), ("tools.openai", tools)):
         train, held = make(random.Random(f"{stem}-{seed}"))
         write(f"{stem}.jsonl", train)
         write(f"{stem}.heldout.jsonl", held)
