@@ -36,14 +36,11 @@ _ROLES = ("user", "assistant", "system", "developer")
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
-class FunctionTool(_Body):
-    """Responses' function tool: flat, where chat nests it under `function`."""
+class FunctionTool(FunctionDef):
+    """Responses' function tool: flat (chat's function fields beside `type`), where chat nests
+    them under `function`."""
 
     type: Literal["function"]
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class NamedTool(_Body):
