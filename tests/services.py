@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -33,10 +34,30 @@ from pathlib import Path
 import pytest
 
 
+# Ports for servers the tests start come from below the kernel's ephemeral range (Linux:
+# 32768-60999). A port the kernel picks for `bind(0)` is free *now*, but a server that binds it
+# only after loading its engine (tens of seconds later) can lose it to any outgoing connection
+# or engine-internal socket that draws the same ephemeral port meanwhile (CI saw exactly that:
+# "address already in use"). Below the range nothing draws ports at random, and each port is
+# handed out once per test session.
+_PORTS = range(20000, 32768)
+_given: set[int] = set()
+_draw = random.Random(os.getpid())
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(1000):
+        port = _draw.choice(_PORTS)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError("no free loopback port in 20000-32767")
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------------
