@@ -109,6 +109,18 @@ class ToolChoiceFunction(_Body):
     function: NamedFunction
 
 
+def check_tool_choice(tc: str | ToolChoiceFunction | None, tools: list[Tool] | None) -> None:
+    """A tool_choice other than none needs tools, and a named one a tool of that name (chat's
+    and the Responses API's check: Responses converts its fields to chat's first)."""
+    if tc is not None and tc != "none" and not tools:
+        raise BadRequest("tool_choice needs tools: send the tools the model may call",
+                         param="tool_choice")
+    if isinstance(tc, ToolChoiceFunction) and tc.function.name not in {
+            t.function.name for t in tools}:
+        raise BadRequest(f"tool_choice names function {tc.function.name!r}, which is not in "
+                         "tools", param="tool_choice")
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[dict[str, Any]] = Field(min_length=1)
     tools: list[Tool] | None = Field(default=None, max_length=128)
@@ -130,14 +142,7 @@ class ChatCompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _tool_choice_needs_tools(self):
-        tc = self.tool_choice
-        if tc is not None and tc != "none" and not self.tools:
-            raise BadRequest("tool_choice needs tools: send the tools the model may call",
-                             param="tool_choice")
-        if isinstance(tc, ToolChoiceFunction) and tc.function.name not in {
-                t.function.name for t in self.tools}:
-            raise BadRequest(f"tool_choice names function {tc.function.name!r}, which is not in "
-                             "tools", param="tool_choice")
+        check_tool_choice(self.tool_choice, self.tools)
         return self
 
     def tool_mode(self) -> str:

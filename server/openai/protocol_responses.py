@@ -27,6 +27,7 @@ from loraplex.server.openai.protocol import (
     ToolChoiceFunction,
     _Body,
     _Sampling,
+    check_tool_choice,
 )
 
 STATELESS = ("this server is stateless (it keeps no responses): send the whole conversation in "
@@ -136,13 +137,7 @@ class ResponsesRequest(_Sampling):
 
     @model_validator(mode="after")
     def _tool_choice_needs_tools(self):
-        tc = self.tool_choice
-        if tc is not None and tc != "none" and not self.tools:
-            raise BadRequest("tool_choice needs tools: send the tools the model may call",
-                             param="tool_choice")
-        if isinstance(tc, NamedTool) and tc.name not in {t.name for t in self.tools}:
-            raise BadRequest(f"tool_choice names function {tc.name!r}, which is not in tools",
-                             param="tool_choice")
+        check_tool_choice(self.chat_tool_choice(), self.chat_tools())
         return self
 
     # -- as chat sees it ------------------------------------------------------------------

@@ -127,9 +127,28 @@ class Output:
 
 
 # Turns the engine's chunks (tagged with the index of their GenRequest) into a surface's stream
-# events (dicts, each sent as one `data:` line); and the collected outputs into its JSON body.
+# events (dicts); and the collected outputs into its JSON body.
 Events = Callable[[AsyncIterator[tuple[int, Chunk]]], AsyncIterator[dict]]
 Body = Callable[[list[Output]], dict]
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How a surface's events go on the wire. Chat and completions: `data: {json}` lines, an
+    error event if the stream fails, then `data: [DONE]`. Responses: each event preceded by
+    `event: <type>`, a failure reported by the surface's own events (`response.failed`
+    carries the response's state), and no `[DONE]`: the terminal event ends the stream."""
+
+    named: bool = False  # an `event: <type>` line before each `data:` line
+    error_event: bool = True  # send the OpenAI error object when the stream fails
+    done: bool = True  # end with `data: [DONE]`
+
+    def event(self, obj: dict) -> bytes:
+        return (f"event: {obj['type']}\n".encode() if self.named else b"") + sse(obj)
+
+
+DATA_LINES = Framing()
+NAMED_EVENTS = Framing(named=True, error_event=False, done=False)
 
 
 @dataclass
@@ -143,6 +162,7 @@ class Prepared:
     events: Events
     body: Body
     headers: dict[str, str] = field(default_factory=dict)
+    framing: Framing = DATA_LINES
 
 
 class ServingBase:
@@ -236,7 +256,7 @@ class ServingBase:
                 gen.lora = lora
             chunks = self._chunks(p.gens, guard)
             if p.stream:
-                return _GuardedStream(self._sse(p.events(chunks), p.gens[0].request_id, guard),
+                return _GuardedStream(self._sse(p, chunks, guard),
                                       guard)
             outputs = await _until_disconnected(_collect(chunks, p.gens), raw)
             body = p.body(outputs)
@@ -302,23 +322,32 @@ class ServingBase:
             self.metrics.prompt_tokens.labels(*guard.labels).inc(prompt_tokens)
             self.metrics.completion_tokens.labels(*guard.labels).inc(completion)
 
-    async def _sse(self, events: AsyncIterator[dict], request_id: str, guard: InFlight):
+    async def _sse(self, p: Prepared, chunks: AsyncIterator[tuple[int, Chunk]],
+                   guard: InFlight) -> AsyncIterator[bytes]:
+        """The stream's bytes in `p.framing`. After the 200 header a failure can only be
+        reported in-band: it ends the stream with an error event (as OpenAI does), is logged
+        once and is counted once under its real status; it never just cuts the stream."""
+        f = p.framing
         try:
-            async for event in events:
-                yield sse(event)
+            async for event in p.events(chunks):
+                yield f.event(event)
             guard.record("200")
-        except LoraplexError as exc:  # after the 200 header: report in-band, as OpenAI does
+        except LoraplexError as exc:
             guard.record(str(exc.http_status))
-            yield sse(exc.to_openai())
+            if f.error_event:
+                yield sse(exc.to_openai())
         except asyncio.CancelledError:
             guard.record("499")  # client closed the stream: the engine request is aborted
             raise
         except Exception:  # noqa: BLE001 - a stream must end with an error event, never cut
-            log.exception("stream %s failed", request_id)
+            log.exception("stream %s failed", p.gens[0].request_id)
             guard.record("500")
-            yield sse({"error": {"message": "internal error while streaming; see the server "
-                                 "log", "type": "internal_error", "param": None, "code": None}})
-        yield b"data: [DONE]\n\n"
+            if f.error_event:
+                yield sse({"error": {"message": "internal error while streaming; see the "
+                                     "server log", "type": "internal_error", "param": None,
+                                     "code": None}})
+        if f.done:
+            yield b"data: [DONE]\n\n"
 
 
 async def _until_disconnected(coro, raw: Request):

@@ -8,14 +8,12 @@ typed, numbered events that build it (response.created ... response.completed).
 
 One `_Builder` makes both: the stream feeds it deltas and sends the events it returns; the
 JSON body feeds it the whole output and keeps only the final object, so the two cannot
-disagree. Framing is OpenAI's: `event: <type>` + `data: {json}`, no `[DONE]` (see `_sse`).
+disagree. Framing is OpenAI's: `event: <type>` + `data: {json}`, no `[DONE]` (NAMED_EVENTS).
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,10 +25,8 @@ from loraplex.adapters.records import AdapterVersion
 from loraplex.server.engine.tool_parsers import StreamDelta
 from loraplex.server.interface import Chunk, GenRequest, SamplingSpec
 from loraplex.server.openai.protocol_responses import ResponsesRequest, input_param
-from loraplex.server.openai.serving import InFlight, Output, Prepared, sse
+from loraplex.server.openai.serving import NAMED_EVENTS, Output, Prepared
 from loraplex.server.openai.serving_chat import ChatServing, ToolSession, chat_logprobs
-
-log = logging.getLogger("loraplex.serving")
 
 
 class ResponsesServing(ChatServing):
@@ -60,8 +56,8 @@ class ResponsesServing(ChatServing):
         return await self.run(Prepared(
             [gen], version, "responses", req.stream,
             events=lambda chunks: _events(chunks, _Builder(req, gen.request_id, created), tools),
-            body=lambda outs: _body(outs[0], _Builder(req, gen.request_id, created), tools)),
-            raw)
+            body=lambda outs: _body(outs[0], _Builder(req, gen.request_id, created), tools),
+            framing=NAMED_EVENTS), raw)
 
     def tool_session(self, req: ResponsesRequest, version: AdapterVersion | None,
                      sampling: SamplingSpec) -> ToolSession | None:
@@ -71,25 +67,6 @@ class ResponsesServing(ChatServing):
         if tools is not None:
             tools.apply(sampling)
         return tools
-
-    async def _sse(self, events: AsyncIterator[dict], request_id: str, guard: InFlight):
-        """OpenAI's Responses framing, which differs from chat's: each event is preceded by
-        `event: <type>`, and the stream ends with its terminal event (response.completed /
-        .incomplete / .failed) with no `data: [DONE]`. A failure is reported by `_events`
-        itself (`response.failed` carries the response's state); here only its status is
-        recorded."""
-        try:
-            async for event in events:
-                yield f"event: {event['type']}\n".encode() + sse(event)
-            guard.record("200")
-        except LoraplexError as exc:
-            guard.record(str(exc.http_status))
-        except asyncio.CancelledError:
-            guard.record("499")  # the client left: the engine request is aborted
-            raise
-        except Exception:  # noqa: BLE001 - reported in-band by _events
-            log.exception("stream %s failed", request_id)
-            guard.record("500")
 
 
 async def _events(chunks: AsyncIterator[tuple[int, Chunk]], b: _Builder,
