@@ -79,7 +79,39 @@ CRD_SCHEMAS = {
                         "metadata": {"type": "object",
                                      "required": ["serverAddress", "query", "threshold"],
                                      "additionalProperties": {"type": "string"}}}}}}}}},
+    # Kubeflow's training operator v1 (kubeflow.org/v1 PyTorchJob): the replica specs; each
+    # replica's pod template is validated as a Pod by kubernetes-validate besides.
+    ("kubeflow.org/v1", "PyTorchJob"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {"apiVersion": {}, "kind": {}, "metadata": _META, "spec": {
+            "type": "object", "required": ["pytorchReplicaSpecs"], "additionalProperties": False,
+            "properties": {
+                "nprocPerNode": {"type": "string", "pattern": "^([1-9][0-9]*|auto|cpu|gpu)$"},
+                "runPolicy": {"type": "object", "additionalProperties": False, "properties": {
+                    "backoffLimit": {"type": "integer", "minimum": 0},
+                    "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+                    "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+                    "cleanPodPolicy": {"enum": ["All", "Running", "None"]}}},
+                "pytorchReplicaSpecs": {
+                    "type": "object", "required": ["Master"], "additionalProperties": False,
+                    "patternProperties": {"^(Master|Worker)$": {
+                        "type": "object", "required": ["replicas", "template"],
+                        "additionalProperties": False, "properties": {
+                            "replicas": {"type": "integer", "minimum": 1},
+                            "restartPolicy": {"enum": ["Always", "OnFailure", "Never",
+                                                       "ExitCode"]},
+                            "template": {"type": "object", "required": ["spec"]}}}}}}}}},
 }
+
+
+def replica_pods(job: dict) -> dict[str, dict]:
+    """A PyTorchJob's replica pod templates as Pods (what the operator creates)."""
+    return {role: {"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": f"{job['metadata']['name']}-{role.lower()}-0",
+                                **r["template"].get("metadata", {})},
+                   "spec": r["template"]["spec"]}
+            for role, r in job["spec"]["pytorchReplicaSpecs"].items()}
 
 
 @pytest.fixture(scope="module")
@@ -97,21 +129,23 @@ def server_container(objs: list[dict]) -> dict:
 
 
 def workloads(objs: list[dict]) -> list[dict]:
-    return find(objs, "Deployment") + find(objs, "Job")
+    """Everything with a pod template (`spec.template`): a PyTorchJob's replicas each count."""
+    return find(objs, "Deployment") + find(objs, "Job") + [
+        {"kind": "PyTorchJob", "metadata": j["metadata"], "spec": r}
+        for j in find(objs, "PyTorchJob") for r in j["spec"]["pytorchReplicaSpecs"].values()]
+
+
+def overlay(base: dict, top: dict) -> dict:
+    """`top` merged over a copy of `base`, maps key by key (how Helm merges values)."""
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = overlay(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def merged(values: dict) -> dict:
     """The chart defaults with `values` on top (what Helm computes)."""
-    out = copy.deepcopy(yaml.safe_load((CHART / "values.yaml").read_text()))
-
-    def deep(dst: dict, src: dict) -> None:
-        for k, v in src.items():
-            if isinstance(v, dict) and isinstance(dst.get(k), dict):
-                deep(dst[k], v)
-            else:
-                dst[k] = v
-    deep(out, values)
-    return out
+    return overlay(yaml.safe_load((CHART / "values.yaml").read_text()), values)
 
 
 def effective_env(objs: list[dict], container: dict, secrets: dict | None = None
@@ -157,10 +191,12 @@ EXPECTED = {  # scenario -> (kinds it must add to the default set, component tha
     "keda": ({"ScaledObject", "ServiceMonitor"}, "server"),
     "observability": ({"ServiceMonitor", "NetworkPolicy"}, "server"),
     "trainer": ({"Job"}, "trainer"),
+    "trainer-multinode": ({"PyTorchJob"}, "trainer"),
     "gpu-8b": (set(), "server"),  # deploy/README.md's one-GPU example
     "gpu-70b-tp4": (set(), "server"),  # and its tensor-parallel example
 }
-OPTIONAL_KINDS = {"HorizontalPodAutoscaler", "ScaledObject", "ServiceMonitor", "NetworkPolicy"}
+OPTIONAL_KINDS = {"HorizontalPodAutoscaler", "ScaledObject", "ServiceMonitor", "NetworkPolicy",
+                  "PyTorchJob"}
 
 
 def test_each_scenario_turns_its_feature_on(rendered):
@@ -192,6 +228,9 @@ def test_every_object_is_valid_kubernetes(rendered, scenario, version):
         crd = CRD_SCHEMAS.get((obj["apiVersion"], obj["kind"]))
         if crd is not None:
             jsonschema.validate(obj, crd)
+            if obj["kind"] == "PyTorchJob":
+                for pod in replica_pods(obj).values():
+                    kv.validate(pod, version, strict=True)
         else:
             kv.validate(obj, version, strict=True)  # raises on any unknown or wrong field
 
@@ -500,7 +539,10 @@ def test_loraplex_containers_name_their_command(rendered, scenario):
         for c in containers(w):
             if c.get("command", [None])[0] == "python":  # the fsspec download scripts
                 continue
-            assert c["command"] == ["loraplex"], (w["metadata"]["name"], c["name"])
+            cmd = c["command"]
+            if cmd[0] == "torchrun":  # multi-GPU training: torchrun --no-python <the command>
+                cmd = cmd[cmd.index("--no-python") + 1:]
+            assert cmd == ["loraplex"], (w["metadata"]["name"], c["name"])
 
 
 def test_documented_gpu_examples(rendered):
@@ -548,16 +590,11 @@ def test_readme_gpu_excerpts_are_the_ci_files():
 # -- the trainer Job and the registry commands ------------------------------------------------
 
 def test_trainer_job_runs_a_valid_train_command(rendered):
-    from loraplex.adapters.cli import main
-
     (job,) = find(rendered["trainer"], "Job", "trainer")
     (train,) = pod_spec(job)["containers"]
     args = train["args"]
     assert args[0] == "train"
-    out = io.StringIO()
-    with redirect_stdout(out):  # the real parser and TrainConfig validation, no training
-        assert main(args + ["--print-config"]) == 0
-    cfg = yaml.safe_load(out.getvalue())
+    cfg = _print_config(args)
     server_env = effective_env(rendered["trainer"], server_container(rendered["trainer"]))
     values = SCENARIOS["trainer"]["trainer"]
     assert cfg["base"] == server_env["LORAPLEX_MODEL"]  # the model the servers serve
@@ -573,6 +610,71 @@ def test_trainer_job_runs_a_valid_train_command(rendered):
     mounts = {m["mountPath"] for m in train["volumeMounts"]}
     assert {"/data", "/work", server_env["LORAPLEX_MODEL"], "/dev/shm", "/tmp"} <= mounts
     assert [c["name"] for c in pod_spec(job)["initContainers"]] == ["download-data"]
+
+
+def _print_config(args: list[str]) -> dict:
+    from loraplex.adapters.cli import main
+
+    out = io.StringIO()
+    with redirect_stdout(out):  # the real parser and TrainConfig validation, no training
+        assert main(args + ["--print-config"]) == 0
+    return yaml.safe_load(out.getvalue())
+
+
+def test_trainer_gets_its_own_gpus_and_torchrun_for_more_than_one(render):
+    base = SCENARIOS["trainer"]
+    gpu = "nvidia.com/gpu"
+
+    def train(values: dict) -> dict:
+        (job,) = find(render(overlay(base, values)), "Job", "trainer")
+        (c,) = pod_spec(job)["containers"]
+        return c
+    # one GPU when the release uses GPUs (the server's gpu.count is tensor parallelism: not ours)
+    c = train({"gpu": {"count": 4}})
+    assert c["resources"]["limits"][gpu] == 1 and c["command"] == ["loraplex"]
+    assert gpu not in train({"gpu": {"enabled": False}})["resources"]["limits"]
+    # N GPUs: one process each through torchrun, which runs the image's own command
+    c = train({"trainer": {"gpus": 4}})
+    assert c["resources"]["limits"][gpu] == 4
+    assert c["command"] == ["torchrun", "--standalone", "--nproc-per-node", "4", "--no-python",
+                            "loraplex"]
+    assert _print_config(c["args"])["register"] == base["trainer"]["register"]
+    with pytest.raises(Exception, match="image.command"):
+        train({"trainer": {"gpus": 2}, "image": {"command": []}})
+
+
+def test_multinode_trainer_is_a_pytorchjob_that_torchrun_understands(rendered):
+    """Two 8-GPU nodes: one Master and one Worker with the same pod, `torchrun` with no
+    rendezvous flags of its own: the operator passes them as PET_* variables, which torchrun's
+    own parser reads (checked here with torch's parser and the variables the operator sets)."""
+    from torch.distributed.run import get_args_parser
+
+    values = SCENARIOS["trainer-multinode"]["trainer"]
+    (job,) = find(rendered["trainer-multinode"], "PyTorchJob", "trainer")
+    spec = job["spec"]
+    assert spec["nprocPerNode"] == "8"
+    reps = spec["pytorchReplicaSpecs"]
+    assert reps["Master"]["replicas"] == 1 and reps["Worker"]["replicas"] == values["nodes"] - 1
+    assert reps["Master"]["template"] == reps["Worker"]["template"]
+    (c,) = reps["Master"]["template"]["spec"]["containers"]
+    assert c["name"] == "pytorch"  # the container the operator configures
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert c["command"] == ["torchrun", "--no-python", "loraplex"]
+    cfg = _print_config(c["args"])
+    assert cfg["register"] == values["register"] and cfg["gradient_checkpointing"] is True
+    operator_env = {"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_NPROC_PER_NODE": "8",
+                    "PET_MASTER_ADDR": f"{job['metadata']['name']}-master-0",
+                    "PET_MASTER_PORT": "23456"}
+    old = {k: os.environ.get(k) for k in operator_env}
+    os.environ.update(operator_env)
+    try:
+        args = get_args_parser().parse_args(c["command"][1:] + c["args"])
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "8")
+    assert args.master_addr == operator_env["PET_MASTER_ADDR"] and args.no_python
+    assert [args.training_script, *args.training_script_args] == ["loraplex", *c["args"]]
 
 
 def _run_container(c: dict, secrets: dict, env_over: dict, tmp_path, replace=None):
