@@ -49,7 +49,8 @@ def counts(base: Path) -> list[list]:
         load_tokenizer,
         render_for_training,
     )
-    from loraplex.trainer.formats import data_files, read_rows
+    from loraplex.trainer.formats import read_rows
+    from loraplex.trainer.sources import data_files
 
     tok = load_tokenizer(base)
     hf = AutoTokenizer.from_pretrained(str(base))

@@ -35,14 +35,22 @@ class TrainConfig(BaseModel):
     # turns either form into the model directory.
     base: Path = Field(description="base model: a directory (Hugging Face format) or a hub id "
                        "org/name[@revision] from the HF cache (HF_HOME)")
-    data: list[str] = Field(min_length=1, description="training data files or directories of "
-                            "shards (*.jsonl, *.json): Alpaca, ShareGPT or OpenAI messages")
+    data: list[str] = Field(min_length=1, description="training data: files or directories "
+                            "of shards (*.jsonl, *.json, *.parquet), datasets save_to_disk "
+                            "directories, or hf:OWNER/NAME[:CONFIG] (a hub dataset in the local "
+                            "HF cache, never downloaded); rows in Alpaca, ShareGPT or OpenAI "
+                            "messages form")
     output: Path | None = Field(None, description="adapter directory to write (required unless "
                                 "--inspect)")
     overwrite: bool = Field(False, description="replace an existing output directory")
     format: Literal["auto", "alpaca", "sharegpt", "openai"] = Field(
         "auto", description="force the input format instead of detecting it per row")
-    eval_data: list[str] = Field(default_factory=list, description="held-out eval files/dirs")
+    eval_data: list[str] = Field(default_factory=list, description="held-out eval data (the "
+                                 "same kinds of sources as --data)")
+    split: str = Field("train", min_length=1, description="split of a DatasetDict directory or "
+                       "hub dataset in --data")
+    eval_split: str = Field("test", min_length=1, description="split of a DatasetDict directory "
+                            "or hub dataset in --eval-data")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out fraction of the "
                                  "training data when no --eval-data is given")
     chat_template: str | None = Field(None, description="chatml, llama2, alpaca or a .jinja "
@@ -178,7 +186,8 @@ class TrainConfig(BaseModel):
 
     def hyperparameters(self) -> dict[str, Any]:
         """What the manifest records: everything that shapes the weights (no paths, no I/O)."""
-        skip = {"base", "data", "output", "overwrite", "eval_data", "inspect", "run_dir",
+        skip = {"base", "data", "split", "output", "overwrite", "eval_data", "eval_split",
+                "inspect", "run_dir",
                 "keep_checkpoints", "resume", "progress_bar", "register_name", "alias",
                 "registry_base", "description",
                 "registry_url", "artifacts_url", "log_steps"}

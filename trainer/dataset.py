@@ -1,10 +1,12 @@
-"""From data files to token ids with label masks: validation, curation, tokenization, batching.
+"""From data sources to token ids with label masks: validation, curation, tokenization, batching.
 
     data = prepare_data(cfg, tokenizer, template)   # Examples + a DataReport; raises on --strict
     for batch_idx in batch_order(lengths, cfg.batch_size, seed, epoch): collate(...)
 
-Order of checks, each rejection keeping its file:line and reason (formats.py does the first
-three): bad JSON -> unknown format/role, bad fields -> conversation structure (empty output, no
+Sources are files (JSON lines, JSON, Parquet), `datasets` save_to_disk directories and hub
+datasets from the local cache (sources.data_sources; `--split`/`--eval-split` pick a split).
+Order of checks, each rejection keeping its file:line (Arrow rows: name[index]) and reason
+(formats.py does the first three): bad JSON -> unknown format/role, bad fields -> conversation structure (empty output, no
 assistant turn, ...) -> special tokens written in the text -> rendering through the chat template
 -> too long for --max-seq-len -> length filters -> duplicates (exact or normalized; the first
 occurrence wins, and eval rows that duplicate a training row are dropped so the held-out score is
@@ -33,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from loraplex.adapters.chat import IGNORE_INDEX, render_for_training, template_label
 from loraplex.adapters.errors import BadRequest
-from loraplex.trainer.formats import Rejected, Row, data_files, read_rows
+from loraplex.trainer.formats import Rejected, Row, read_rows
+from loraplex.trainer.sources import DataSource, data_sources
 
 if TYPE_CHECKING:
     from loraplex.adapters.chat import ChatTokenizer
@@ -126,6 +129,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_source(source: DataSource) -> str:
+    """A file's sha256; for a source of several files (a `datasets` directory, a hub dataset's
+    cached Arrow files) the sha256 of their `sha256  name` lines, in name order."""
+    files = source.files()
+    if source.kind == "file":
+        return sha256_file(files[0][1])
+    lines = "".join(f"{sha256_file(path)}  {name}\n" for name, path in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def _identity(msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Any:
     """What makes a row: its messages, and its tools when it has any (rows without tools hash
     as they always did)."""
@@ -204,13 +217,14 @@ def _dedup(examples: list[Example], mode: str, seen: dict[str, str],
 
 def prepare_data(cfg: TrainConfig, tokenizer: ChatTokenizer, template: str) -> PreparedData:
     """Read, validate, curate, tokenize, split. BadRequest on --strict drops or no data left."""
-    files = data_files(cfg.data)
-    eval_files = data_files(cfg.eval_data) if cfg.eval_data else []
-    report = DataReport([str(f) for f in files], [str(f) for f in eval_files])
-    report.files_sha256 = {str(f): sha256_file(f) for f in files + eval_files}
+    sources = data_sources(cfg.data, cfg.split, "--split")
+    eval_sources = (data_sources(cfg.eval_data, cfg.eval_split, "--eval-split")
+                    if cfg.eval_data else [])
+    report = DataReport([s.label for s in sources], [s.label for s in eval_sources])
+    report.files_sha256 = {s.label: sha256_source(s) for s in sources + eval_sources}
 
-    rows, rejected = read_rows(files, cfg.format)
-    eval_rows, eval_rejected = read_rows(eval_files, cfg.format) if eval_files else ([], [])
+    rows, rejected = read_rows(sources, cfg.format)
+    eval_rows, eval_rejected = read_rows(eval_sources, cfg.format) if eval_sources else ([], [])
     rejected += eval_rejected
     report.rows = len(rows) + len(eval_rows) + len(rejected)
     report.formats = Counter(r.format for r in rows + eval_rows)

@@ -24,22 +24,22 @@ system prompt an adapter learns is the one it is served with. Tool calls are nor
 vLLM's server passes them to templates). Malformed tool data rejects the row (`bad_tools`,
 `bad_tool_call`).
 
-Files: `.jsonl` (one object per line) or `.json` (one array of objects, or JSONL in disguise).
+Files, directories, Parquet and `datasets` sources: sources.py (`read_rows` reads any of them).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraplex.adapters.errors import BadRequest
+from loraplex.trainer.sources import DataSource
 
 FORMATS = ("alpaca", "sharegpt", "openai")
-DATA_SUFFIXES = (".jsonl", ".json")
 
 # ShareGPT speaker names seen in the wild -> chat roles; `function_call` is an assistant turn
 # that calls tools, `observation` (LLaMA-Factory) or `tool` a tool's result.
@@ -67,7 +67,7 @@ class RowError(Exception):
 class Row:
     """One parsed row: its provenance, the detected format, and its conversation."""
 
-    source: str  # "path:line"
+    source: str  # "path:line" (JSON), "name[index]" (Arrow rows)
     format: str
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None = None  # OpenAI tool definitions for the template
@@ -81,84 +81,6 @@ class Rejected:
 
     def __str__(self) -> str:
         return f"{self.source}: {self.detail}"
-
-
-# -- files ---------------------------------------------------------------------------------------
-
-def data_files(specs: list[str | Path]) -> list[Path]:
-    """Expand files and directories of shards (*.jsonl, *.json, sorted) into a file list."""
-    files: list[Path] = []
-    for spec in specs:
-        p = Path(spec).expanduser()
-        if p.is_dir():
-            shards = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES)
-            if not shards:
-                raise BadRequest(f"data directory {str(p)!r} holds no *.jsonl or *.json files",
-                                 param="data")
-            files += shards
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise BadRequest(f"data path {str(p)!r} does not exist", param="data")
-    return files
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"cannot read data file {str(path)!r}: {exc}", param="data") from None
-
-
-def iter_objects(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line, object, None) per row, or (line, None, error) for a line that is not JSON."""
-    text = _read_text(path)
-    stripped = text.lstrip()
-    if path.suffix == ".json" and stripped.startswith("["):
-        yield from _iter_array(path, text)
-        return
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line), None
-        except json.JSONDecodeError as exc:
-            yield n, None, f"bad JSON: {exc.msg} (column {exc.colno})"
-
-
-def _iter_array(path: Path, text: str) -> Iterator[tuple[int, Any, str | None]]:
-    """Items of a top-level JSON array with the line each starts on."""
-    dec = json.JSONDecoder()
-    pos = text.index("[") + 1
-    n = len(text)
-
-    def skip(p: int) -> int:
-        while p < n and text[p] in " \t\r\n":
-            p += 1
-        return p
-
-    pos = skip(pos)
-    if pos < n and text[pos] == "]":
-        return
-    while True:
-        line = text.count("\n", 0, pos) + 1
-        try:
-            obj, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            # A broken array cannot be re-synchronised: the rest of the file is unreadable.
-            raise BadRequest(f"{path}:{exc.lineno}: bad JSON: {exc.msg} (column {exc.colno}); "
-                             "a .json file is one array, so nothing after this point can be "
-                             "read: fix it (or use JSONL, where one bad line drops one row)",
-                             param="data") from None
-        yield line, obj, None
-        pos = skip(pos)
-        if pos < n and text[pos] == ",":
-            pos = skip(pos + 1)
-            continue
-        if pos < n and text[pos] == "]":
-            return
-        raise BadRequest(f"{path}:{text.count(chr(10), 0, pos) + 1}: bad JSON: expected ',' or "
-                         "']' between array items", param="data")
 
 
 # -- rows -> messages ----------------------------------------------------------------------------
@@ -179,6 +101,7 @@ def _text(value: Any, where: str, *, required: bool = True) -> str:
     if value is None and not required:
         return ""
     if not isinstance(value, str):
+
         raise RowError("bad_field", f"{where} must be a string, got {type(value).__name__}")
     return value
 
@@ -441,15 +364,18 @@ def parse_example(obj: Any, fmt: str = "auto"
     return kind, msgs, tools
 
 
-def read_rows(files: list[Path], fmt: str = "auto") -> tuple[list[Row], list[Rejected]]:
-    """Every row of every file, parsed; rejected rows keep their file:line and reason."""
+def read_rows(sources: Sequence[DataSource | Path], fmt: str = "auto"
+              ) -> tuple[list[Row], list[Rejected]]:
+    """Every row of every source (a DataSource, or a file path), parsed; rejected rows keep
+    their file:line (or name[index]) and reason."""
     if fmt != "auto" and fmt not in FORMATS:
         raise BadRequest(f"unknown format {fmt!r}; use auto, {', '.join(FORMATS)}", param="format")
     rows: list[Row] = []
     rejected: list[Rejected] = []
-    for path in files:
-        for line, obj, error in iter_objects(path):
-            source = f"{path}:{line}"
+    for src in sources:
+        if not isinstance(src, DataSource):
+            src = DataSource.file(Path(src))
+        for source, obj, error in src.iter_rows():
             if error is not None:
                 rejected.append(Rejected(source, "bad_json", error))
                 continue

@@ -11,6 +11,9 @@ EPILOG = """examples:
   loraplex train --base ./toy-model --data train.jsonl --eval-data heldout.jsonl --output out/a
   loraplex train --config run.yaml --lr 5e-4            # flags override the file
   loraplex train --base ./toy-model --data train.jsonl --inspect 2
+  loraplex train --base ./toy-model --data chats.parquet ./saved_dataset --output out/b
+  loraplex train --base ./toy-model --data hf:owner/name --eval-data hf:owner/name --output out/c
+                                  # a hub dataset from the local HF cache: train and test splits
   loraplex train --config run.yaml --register words --alias canary
 """
 

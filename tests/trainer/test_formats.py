@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 
 from loraplex.adapters.errors import BadRequest
-from loraplex.trainer.formats import (
-    RowError,
-    data_files,
-    iter_objects,
-    parse_row,
-    read_rows,
-)
+from loraplex.trainer.formats import RowError, parse_row, read_rows
+from loraplex.trainer.sources import data_files, iter_objects
 
 
 def u(c: str) -> dict:
