@@ -33,7 +33,6 @@ from pathlib import Path
 
 import pytest
 
-
 # Ports for servers the tests start come from below the kernel's ephemeral range (Linux:
 # 32768-60999). A port the kernel picks for `bind(0)` is free *now*, but a server that binds it
 # only after loading its engine (tens of seconds later) can lose it to any outgoing connection

@@ -10,8 +10,11 @@
       rejected.jsonl, train_config.yaml                 every dropped row; the effective options
 
 Everything is written into a hidden sibling directory and renamed into place at the end, so a
-failure at any point leaves no partial adapter under the output name. `preflight` checks the
-output and the registry options before any training, so a wrong path fails in seconds.
+failure at any point leaves no partial adapter under the output name. Before the rename,
+`verify_adapter` reads the adapter back (every trained tensor present, non-empty and equal to what
+was trained; PEFT loads it; the registry's validation passes): an empty or partial adapter is the
+usual silent failure of a multi-process run, and here it is an error instead. `preflight` checks
+the output and the registry options before any training, so a wrong path fails in seconds.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,8 +145,12 @@ def _versions() -> dict[str, str]:
 
 def write_adapter(cfg: TrainConfig, model: Any, *, base: Path, template: str, stops: list[str],
                   data: DataReport, metrics: dict[str, Any], state: LoopState,
-                  run_dir: Path) -> Path:
-    """Write the adapter directory (see module doc) atomically; returns its path."""
+                  run_dir: Path, hyperparameters: dict[str, Any] | None = None,
+                  log: Callable[[str], None] | None = None) -> Path:
+    """Write the adapter directory (see module doc) atomically, verified; returns its path.
+
+    `hyperparameters` (default: the config's) is what the manifest records: the trainer adds the
+    number of processes and the effective batch."""
     import yaml
 
     from loraplex.adapters.fingerprint import fingerprint_base
@@ -160,7 +167,7 @@ def write_adapter(cfg: TrainConfig, model: Any, *, base: Path, template: str, st
         "stop_tokens": stops,
         "tool_format": cfg.tool_format,
         "data": {k: v for k, v in data.to_dict().items()},
-        "hyperparameters": cfg.hyperparameters(),
+        "hyperparameters": hyperparameters or cfg.hyperparameters(),
         "metrics": {k: v for k, v in metrics.items() if k != "exact_match"}
         | ({"exact_match": {k: v for k, v in metrics["exact_match"].items() if k != "samples"}}
            if "exact_match" in metrics else {}),
@@ -172,7 +179,13 @@ def write_adapter(cfg: TrainConfig, model: Any, *, base: Path, template: str, st
         (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
         (tmp / MANIFEST).write_text(
             LoraplexManifest(**manifest).model_dump_json(indent=2, exclude_none=True) + "\n")
-        report = {"metrics": metrics, "data": data.to_dict(),
+        servable = not (cfg.use_dora or cfg.modules_to_save)  # --allow-unservable
+        verified = verify_adapter(tmp, model, base, servable=servable, shown_as=str(out))
+        if log is not None:
+            log(f"verified the adapter: {verified['tensors']} LoRA tensors of "
+                f"{verified['modules']} modules equal to the trained weights, loaded back by "
+                "PEFT" + (", passes the registry's validation" if servable else ""))
+        report = {"metrics": metrics, "data": data.to_dict(), "verified": verified,
                   "history": {"train_loss": state.train_loss, "eval_loss": state.eval_loss}}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         plot_losses(state, tmp / "loss.png")
@@ -185,6 +198,106 @@ def write_adapter(cfg: TrainConfig, model: Any, *, base: Path, template: str, st
         effective = cfg.model_dump(mode="json", by_alias=True, exclude={"inspect", "resume"})
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(effective, sort_keys=False))
     return out
+
+
+# -- verification --------------------------------------------------------------------------------
+
+VERIFY_ADAPTER = "loraplex_verify"  # the name PEFT loads the written adapter under, then drops
+MAX_PROBLEMS = 20
+
+
+def _saved_name(param: str, adapter: str) -> str:
+    """A PEFT parameter's key in adapter_model.safetensors: its name without the adapter name."""
+    return param.replace(f".{adapter}", "")
+
+
+def verify_adapter(d: Path, model: Any, base: Path, *, servable: bool = True,
+                   shown_as: str | None = None) -> dict[str, Any]:
+    """Read the adapter just written to `d` back, against the PEFT `model` that wrote it.
+
+    Every trained LoRA tensor must be in the weights file, non-empty, finite, of the trained shape
+    and equal to the trained values, and not every lora_B zero (an adapter that changes nothing);
+    PEFT must load the directory onto the same model (its own path: config, module matching, key
+    names) with those values; and, for a `servable` adapter, the registry's validation must pass
+    against the base, exactly as at --register. Raises AdapterInvalid listing every problem.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from loraplex.adapters.errors import AdapterInvalid
+    from loraplex.adapters.fingerprint import inspect_base
+    from loraplex.adapters.validate import WEIGHTS_FILE, validate_adapter_dir
+
+    name = shown_as or str(d)
+    trained = {_saved_name(n, model.active_adapter): p.detach().float().cpu()
+               for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n}
+    try:
+        saved = {k: v for k, v in load_file(str(d / WEIGHTS_FILE)).items() if ".lora_" in k}
+    except Exception as exc:  # noqa: BLE001 - missing, truncated, not safetensors: all one answer
+        raise AdapterInvalid(f"the adapter written to {name} failed verification: {WEIGHTS_FILE} "
+                             f"cannot be read back ({type(exc).__name__}: {exc})") from None
+    problems: list[str] = []  # whole-adapter findings first, then each tensor's
+    if not trained:
+        problems.append("the model has no trained LoRA weights")
+    lora_b = [v for k, v in saved.items() if ".lora_B." in k]
+    if lora_b and not any(bool(v.any()) for v in lora_b):
+        problems.append("every lora_B weight is zero: the adapter changes nothing (no update "
+                        "reached the saved weights)")
+    problems += [f"{k}: trained, but missing from {WEIGHTS_FILE}"
+                 for k in sorted(trained.keys() - saved.keys())]
+    problems += [f"{k}: in {WEIGHTS_FILE}, but no such weight was trained"
+                 for k in sorted(saved.keys() - trained.keys())]
+    for k in sorted(trained.keys() & saved.keys()):
+        want, got = trained[k], saved[k]
+        if got.numel() == 0:
+            problems.append(f"{k}: empty tensor (shape {list(got.shape)}, trained "
+                            f"{list(want.shape)})")
+        elif got.shape != want.shape:
+            problems.append(f"{k}: shape {list(got.shape)}, trained {list(want.shape)}")
+        elif not bool(torch.isfinite(got).all()):
+            problems.append(f"{k}: holds NaN or infinite values")
+        elif not torch.equal(got.float(), want):
+            problems.append(f"{k}: differs from the trained weight (max abs difference "
+                            f"{float((got.float() - want).abs().max()):.3g})")
+    problems += _peft_load_problems(d, model, trained)
+    summary = None
+    if servable:
+        try:  # the limits are the registry's business at push time; here: structure and shapes
+            summary = validate_adapter_dir(d, inspect_base(base.name, base), 1 << 30, 1 << 62)
+        except AdapterInvalid as exc:
+            problems += [f"registry validation: {p}" for p in exc.problems or [exc.message]]
+    if problems:
+        more = len(problems) - MAX_PROBLEMS
+        raise AdapterInvalid(f"the adapter written to {name} failed verification, so it was not "
+                             f"kept ({len(problems)} problem(s)):",
+                             problems=problems[:MAX_PROBLEMS] + ([f"... and {more} more"]
+                                                                 if more > 0 else []))
+    return {"tensors": len(saved), "modules": len({k.split(".lora_")[0] for k in saved}),
+            "rank": summary.rank if summary else None, "peft_load": True,
+            "registry_validation": servable}
+
+
+def _peft_load_problems(d: Path, model: Any, trained: dict[str, Any]) -> list[str]:
+    """Load `d` into the same PEFT model as a second adapter, compare it with the trained one,
+    then delete it again (no second copy of the base is loaded)."""
+    import torch
+
+    was_training = model.training
+    try:
+        model.load_adapter(str(d), adapter_name=VERIFY_ADAPTER, is_trainable=False)
+        loaded = {_saved_name(n, VERIFY_ADAPTER): p.detach().float().cpu()
+                  for n, p in model.named_parameters() if f".{VERIFY_ADAPTER}." in n}
+    except Exception as exc:  # noqa: BLE001 - whatever PEFT raises is the finding
+        return [f"PEFT cannot load it: {type(exc).__name__}: {str(exc)[:300]}"]
+    finally:
+        if VERIFY_ADAPTER in model.peft_config:
+            model.delete_adapter(VERIFY_ADAPTER)
+        model.train(was_training)
+    wrong = [k for k, v in trained.items() if k not in loaded or not torch.equal(loaded[k], v)]
+    if not wrong:
+        return []
+    return [f"PEFT loads {len(wrong)} of {len(trained)} LoRA weights with values other than the "
+            f"trained ones (first: {wrong[0]})"]
 
 
 # -- registry ------------------------------------------------------------------------------------

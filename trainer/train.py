@@ -12,6 +12,11 @@ early stopping, checkpoints. benchmarks/train_bench.py compares it with TRL's SF
 Loss: cross-entropy summed over labelled tokens and divided by the labelled tokens of the whole
 optimizer step (not averaged per micro-batch), so accumulation and batch composition do not change
 what a token weighs.
+
+Several processes (`torchrun`, `accelerate launch`; see trainer/distributed.py): DDP, each rank
+training on its share of every global batch of per-device batch x processes rows, with the loss
+divided by the labelled tokens of all ranks, so the step is the one a single process would take on
+the whole batch. Rank 0 alone logs and writes (progress, checkpoints, the adapter, the registry).
 """
 
 from __future__ import annotations
@@ -29,16 +34,17 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.adapters.chat import (
-    ChatTokenizer,
     load_tokenizer,
-    render,
     resolve_template,
     template_label,
 )
 from loraplex.adapters.errors import ConfigError
-from loraplex.trainer import output
+from loraplex.trainer import distributed, output
 from loraplex.trainer.config import TrainConfig, resolve_runtime
 from loraplex.trainer.dataset import Example, batch_order, collate, inspect_lines, prepare_data
+from loraplex.trainer.distributed import Dist
+from loraplex.trainer.evaluate import exact_match, pad_token_id
+from loraplex.trainer.model import load_model
 
 # Options that must match for --resume to continue a run (the rest may change between attempts).
 RESUME_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "lr",
@@ -48,6 +54,10 @@ RESUME_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rs
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _quiet(msg: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
 
 
 def peak_rss_mb() -> float:
@@ -89,14 +99,16 @@ class Callback:
 
 class ProgressLog:
     """progress.jsonl: a line every `every` steps (step, loss, lr, tokens/s, ETA) and per eval,
-    plus the tqdm bar on stderr when `bar` is set."""
+    plus the tqdm bar on stderr when `bar` is set; nothing at all when not `enabled` (ranks > 0)."""
 
-    def __init__(self, path: Path, every: int, bar: bool):
-        self.path, self.every, self.show_bar = path, every, bar
+    def __init__(self, path: Path, every: int, bar: bool, enabled: bool = True):
+        self.path, self.every, self.show_bar, self.enabled = path, every, bar and enabled, enabled
         self.window: list[dict[str, Any]] = []
         self.bar: Any = None
 
     def _write(self, rec: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -140,14 +152,20 @@ class ProgressLog:
 class LoraTrainer:
     def __init__(self, cfg: TrainConfig, model: Any, train: list[Example], eval: list[Example],
                  pad_id: int, run_dir: Path, meta: dict[str, Any],
-                 callbacks: list[Callback] | None = None):
+                 callbacks: list[Callback] | None = None, dist: Dist | None = None):
         import torch
 
         self.cfg, self.model, self.train_set, self.eval_set = cfg, model, train, eval
         self.pad_id, self.run_dir, self.meta = pad_id, run_dir, meta
         self.callbacks = callbacks or []
+        self.dist = dist or Dist()
+        # The forward of training goes through DDP (its backward all-reduces the gradients); eval,
+        # weights and saving use the PEFT model itself.
+        self.net = self.dist.wrap(model)
+        # A batch is global: per-device rows x processes, split among the ranks at each step.
+        self.global_batch = cfg.batch_size * self.dist.world
         self.lengths = [len(ex.input_ids) for ex in train]
-        self.batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        self.batches_per_epoch = math.ceil(len(train) / self.global_batch)
         steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
         total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
         self.state = LoopState(total_steps=total)
@@ -160,7 +178,8 @@ class LoraTrainer:
         self.scaler = (torch.amp.GradScaler(self.device.type)
                        if self.runtime.precision == "fp16" else None)
         self.start_step = 0
-        self.progress = ProgressLog(run_dir / "progress.jsonl", cfg.log_steps, cfg.progress_bar)
+        self.progress = ProgressLog(run_dir / "progress.jsonl", cfg.log_steps, cfg.progress_bar,
+                                    enabled=self.dist.is_main)
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = round(cfg.warmup_ratio * total)
@@ -190,7 +209,7 @@ class LoraTrainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _loss_sum(self, batch: dict[str, Any]) -> tuple[Any, int]:
+    def _loss_sum(self, batch: dict[str, Any], net: Any = None) -> tuple[Any, int]:
         import torch
         import torch.nn.functional as F
 
@@ -201,43 +220,57 @@ class LoraTrainer:
         inputs.setdefault("use_cache", False)  # no KV cache for a loss (and none with checkpointing)
         target = labels[:, 1:].to(self.device, non_blocking=True)
         with self.autocast():
-            logits = self.model(**inputs).logits
+            logits = (self.model if net is None else net)(**inputs).logits
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
                                    target.reshape(-1), ignore_index=-100, reduction="sum")
         return loss, n
 
     def evaluate(self) -> float:
+        """Loss per labelled token of the eval set; each rank takes its share of every batch."""
         import torch
 
         self.model.eval()
         total, n = 0.0, 0
         order = sorted(range(len(self.eval_set)), key=lambda i: len(self.eval_set[i].input_ids))
         with torch.no_grad():
-            for s in range(0, len(order), self.cfg.batch_size):
-                exs = [self.eval_set[i] for i in order[s:s + self.cfg.batch_size]]
-                loss, k = self._loss_sum(collate(exs, self.pad_id, self.cfg.packing))
-                total, n = total + float(loss), n + k
+            for s in range(0, len(order), self.global_batch):
+                exs = [self.eval_set[i] for i in self.dist.shard(order[s:s + self.global_batch])]
+                if exs:
+                    loss, k = self._loss_sum(collate(exs, self.pad_id, self.cfg.packing))
+                    total, n = total + float(loss), n + k
+        total, n = self.dist.sum([total, n], self.device)
         self.model.train()
         return total / max(n, 1)
 
     # -- the loop
     def _train_step(self, micro: list[list[int]]) -> dict[str, Any]:
-        """One optimizer step over the micro-batches `micro`; returns its log record."""
+        """One optimizer step over the (global) micro-batches `micro`; returns its log record."""
         import torch
 
-        cfg = self.cfg
+        cfg, dist = self.cfg, self.dist
         t0 = time.perf_counter()
-        batches = [collate([self.train_set[i] for i in b], self.pad_id, cfg.packing)
-                   for b in micro]
-        n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        # This rank's rows of each micro-batch. A rank left with none (a short last batch) runs one
+        # row at weight 0: it must still take part in DDP's all-reduce of the gradients.
+        shares = [dist.shard(b) for b in micro]
+        weights = [1.0 if rows else 0.0 for rows in shares]
+        batches = [collate([self.train_set[i] for i in (rows or b[:1])], self.pad_id, cfg.packing)
+                   for rows, b in zip(shares, micro)]
+        n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b, w in zip(batches, weights)
+                       if w)
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
-                     else b["input_ids"].numel() for b in batches)
+                     else b["input_ids"].numel() for b, w in zip(batches, weights) if w)
+        # Every rank divides by the labelled tokens of the whole step (all ranks), and DDP averages
+        # the gradients over ranks, so each scales by the world size: the result is the gradient
+        # of one process's loss over the whole step.
+        n_labels, tokens = dist.sum([n_labels, tokens], self.device)
         loss_total = 0.0
-        for b in batches:
-            loss, _ = self._loss_sum(b)
-            scaled = loss / max(n_labels, 1)
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            loss_total += float(loss.detach())
+        for k, (b, w) in enumerate(zip(batches, weights)):
+            with dist.no_sync(self.net, sync=k == len(batches) - 1):
+                loss, _ = self._loss_sum(b, self.net)
+                scaled = loss * (w * dist.world) / max(n_labels, 1)
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_total += w * float(loss.detach())
+        (loss_total,) = dist.sum([loss_total], self.device)
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], cfg.max_grad_norm)
@@ -249,7 +282,7 @@ class LoraTrainer:
             self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        return {"loss": loss_total / max(n_labels, 1), "lr": lr, "tokens": tokens,
+        return {"loss": loss_total / max(n_labels, 1), "lr": lr, "tokens": int(tokens),
                 "seconds": time.perf_counter() - t0}
 
     def _eval(self) -> None:
@@ -292,7 +325,7 @@ class LoraTrainer:
         order, order_epoch = None, -1
         while s.step < s.total_steps and not s.should_stop:
             if order_epoch != s.epoch:
-                order, order_epoch = batch_order(self.lengths, cfg.batch_size, cfg.seed,
+                order, order_epoch = batch_order(self.lengths, self.global_batch, cfg.seed,
                                                  s.epoch), s.epoch
             assert order is not None
             micro = order[s.batch_pos:s.batch_pos + cfg.grad_accum]
@@ -324,7 +357,21 @@ class LoraTrainer:
         return s
 
     # -- checkpoints
+    def _rng_state(self) -> dict[str, Any]:
+        import torch
+
+        rng = {"torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes the checkpoint (the weights and optimizer are the same on every rank),
+        with every rank's RNG state: each rank draws its own dropout masks."""
+        rngs = self.dist.gather(self._rng_state())
+        return self.dist.on_main(lambda: self._write_checkpoint(rngs))
+
+    def _write_checkpoint(self, rngs: list[dict[str, Any]]) -> Path:
         import torch
         from safetensors.torch import save_file
 
@@ -339,13 +386,14 @@ class LoraTrainer:
             save_file({k: v.contiguous() for k, v in self.best_weights.items()},
                       str(tmp / "best.safetensors"))
         optim = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "torch_rng": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            optim["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+                 **rngs[0]}
+        if self.dist.launched:
+            optim["rank_rng"] = rngs
         if self.scaler is not None:
             optim["scaler"] = self.scaler.state_dict()
         torch.save(optim, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({"state": asdict(self.state), **self.meta}))
+        (tmp / "state.json").write_text(json.dumps({"state": asdict(self.state), **self.meta,
+                                                    "world_size": self.dist.world}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in sorted(root.glob("step-*"))[:-self.cfg.save_total_limit]:
@@ -357,6 +405,15 @@ class LoraTrainer:
         from safetensors.torch import load_file
 
         saved = json.loads((path / "state.json").read_text())
+        # The batch order, each rank's share of it and each rank's RNG state all depend on the
+        # number of processes: a different one cannot continue the same run.
+        world = saved.get("world_size", 1)
+        if world != self.dist.world:
+            raise ConfigError(f"cannot resume from {path}: it was written by a run of {world} "
+                              f"process(es), and this run has {self.dist.world}; relaunch with "
+                              f"{world} process(es) in all (torchrun --nnodes x --nproc-per-node), "
+                              "or rerun without --resume (and a fresh --run-dir) to start over",
+                              param="resume")
         diffs = [k for k in RESUME_KEYS if saved["hyperparameters"].get(k)
                  != self.meta["hyperparameters"].get(k)]
         if saved["data_sha256"] != self.meta["data_sha256"]:
@@ -373,9 +430,10 @@ class LoraTrainer:
         optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
         self.opt.load_state_dict(optim["optimizer"])
         self.sched.load_state_dict(optim["scheduler"])
-        torch.set_rng_state(optim["torch_rng"])
-        if "cuda_rng" in optim and self.device.type == "cuda":
-            torch.cuda.set_rng_state(optim["cuda_rng"], self.device)
+        rng = optim["rank_rng"][self.dist.rank] if "rank_rng" in optim else optim
+        torch.set_rng_state(rng["torch_rng"])
+        if "cuda_rng" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda_rng"], self.device)
         if "scaler" in optim and self.scaler is not None:
             self.scaler.load_state_dict(optim["scaler"])
         st = saved["state"]
@@ -399,128 +457,24 @@ def _lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def pad_token_id(tokenizer: ChatTokenizer, default: int) -> int:
-    name = tokenizer.special_tokens.get("pad_token")
-    tid = tokenizer.token_to_id(name) if name else None
-    return tid if tid is not None else default
-
-
-# -- generation eval -----------------------------------------------------------------------------
-
-def generate(model: Any, tokenizer: ChatTokenizer, template: str, prompts: list[list[dict[str, str]]],
-             max_new_tokens: int = 64, batch_size: int = 32) -> list[str]:
-    """Greedy answers through the chat template (the server's rendering) with left padding."""
-    import torch
-
-    stops = tokenizer.stop_token_ids(template)
-    pad = pad_token_id(tokenizer, stops[0] if stops else 0)
-    encoded = [render(template, p, tokenizer).token_ids for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    answers: list[str] = [""] * len(encoded)
-    was_training = model.training
-    device = next(model.parameters()).device
-    model.eval()
-    with torch.no_grad():
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]):] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=stops or None,
-                                 pad_token_id=pad)
-            for row, i in enumerate(idx):
-                new = out[row, width:].tolist()
-                cut = next((k for k, t in enumerate(new) if t in stops), len(new))
-                answers[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
-    model.train(was_training)
-    return answers
-
-
-def exact_match(model: Any, tokenizer: ChatTokenizer, template: str, examples: list[Example],
-                max_new_tokens: int = 64) -> dict[str, Any]:
-    """Share of examples whose greedy answer equals the last assistant turn (whitespace-trimmed)."""
-    prompts = [ex.messages[:-1] for ex in examples]
-    refs = [ex.messages[-1]["content"].strip() for ex in examples]
-    preds = generate(model, tokenizer, template, prompts, max_new_tokens)
-    hits = [p.strip() == r for p, r in zip(preds, refs)]
-    return {"exact_match": sum(hits) / max(1, len(hits)), "n": len(hits),
-            "samples": [{"prompt": p[-1]["content"], "reference": r, "prediction": x}
-                        for p, r, x in list(zip(prompts, refs, preds))[:5]]}
-
-
 # -- the run -------------------------------------------------------------------------------------
-
-def load_model(base: Path, cfg: TrainConfig) -> Any:
-    """The base with a fresh LoRA (seeded) from PEFT, on the resolved device.
-
-    The base is float32 on cpu and in the compute precision (bf16/fp16) on a GPU, where it is
-    frozen and its memory matters; the LoRA weights are float32 everywhere (the optimizer updates
-    them in full precision and the adapter is saved in float32; vLLM casts it at load).
-    """
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    rt = resolve_runtime(cfg)
-    torch.manual_seed(cfg.seed)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(rt.precision, torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(base), dtype=dtype if rt.gpu else torch.float32,
-        attn_implementation=rt.attn_implementation)
-    if rt.gradient_checkpointing:
-        # Non-reentrant checkpointing saves and restores the RNG state, so dropout masks are the
-        # same in the recomputation; input grads let PEFT's frozen embeddings feed the LoRA layers.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    targets = cfg.target_modules
-    lora = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
-        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias="none", task_type="CAUSAL_LM",
-        modules_to_save=cfg.modules_to_save or None)
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as exc:  # e.g. target modules not found in the base
-        raise ConfigError(f"cannot build the LoRA model: {exc}", param="target_modules") from None
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-    return model.to(rt.device)
-
 
 def run(cfg: TrainConfig, *, callbacks: list[Callback] | None = None,
         log: Callable[[str], None] = _log) -> dict[str, Any]:
-    """Validate, (inspect or) train, write the adapter atomically, register. Returns the report."""
-    from loraplex.adapters.models import resolve_model
+    """Validate, (inspect or) train, write the adapter atomically, register. Returns the report.
 
-    base = resolve_model(cfg.base)  # a directory, or a hub id from the HF cache
-    if not cfg.inspect:
-        output.preflight(cfg)
-    tokenizer = load_tokenizer(base)
-    template = resolve_template(cfg.chat_template, base)
-    stops = tokenizer.stop_tokens(template)
-    data = prepare_data(cfg, tokenizer, template)
-    for line in data.report.summary():
-        log(line)
-    if cfg.inspect:
-        # The first N rows, then up to N of the rows the boundary rule changed.
-        shown = data.train[:cfg.inspect]
-        shown += [ex for ex in data.train[cfg.inspect:] if ex.cuts][:cfg.inspect]
-        for ex in shown:
-            for line in inspect_lines(ex, tokenizer.decode):
-                print(line)
-        return {"inspected": len(shown), "data": data.report.to_dict()}
+    Under `torchrun` / `accelerate launch` every process runs this; rank 0 alone logs and writes,
+    the others wait for it and return the same report.
+    """
+    dist = distributed.init(resolve_runtime(cfg).device)
+    try:
+        return _run(cfg, dist, list(callbacks or []), log if dist.is_main else _quiet)
+    finally:
+        dist.close()
 
-    from loraplex.adapters.fingerprint import fingerprint_base
 
-    t_start = time.time()
-    meta = {"hyperparameters": cfg.hyperparameters(), "data_sha256": data.report.data_sha256,
-            "base_fingerprint": fingerprint_base(base)}
+def _prepare_run_dir(cfg: TrainConfig, log: Callable[[str], None]) -> Path | None:
+    """Make the run dir; return the checkpoint to resume from (--resume), else clear old ones."""
     run_dir = cfg.work_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = latest_checkpoint(run_dir) if cfg.resume else None
@@ -529,55 +483,109 @@ def run(cfg: TrainConfig, *, callbacks: list[Callback] | None = None,
     if not cfg.resume:
         (run_dir / "progress.jsonl").unlink(missing_ok=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return resume_from
+
+
+def _run(cfg: TrainConfig, dist: Dist, callbacks: list[Callback],
+         log: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+
+    from loraplex.adapters.models import resolve_model
+
+    base = resolve_model(cfg.base)  # a directory, or a hub id from the HF cache
+    if not cfg.inspect:
+        dist.on_main(lambda: output.preflight(cfg))
+    tokenizer = load_tokenizer(base)
+    template = resolve_template(cfg.chat_template, base)
+    stops = tokenizer.stop_tokens(template)
+    # Every rank reads and tokenizes the same data (deterministic), then takes its share per step.
+    data = prepare_data(cfg, tokenizer, template)
+    for line in data.report.summary():
+        log(line)
+    if cfg.inspect:
+        # The first N rows, then up to N of the rows the boundary rule changed.
+        shown = data.train[:cfg.inspect]
+        shown += [ex for ex in data.train[cfg.inspect:] if ex.cuts][:cfg.inspect]
+        for ex in shown if dist.is_main else []:
+            for line in inspect_lines(ex, tokenizer.decode):
+                print(line)
+        return {"inspected": len(shown), "data": data.report.to_dict()}
+
+    from loraplex.adapters.fingerprint import fingerprint_base
+
+    t_start = time.time()
+    effective_batch = cfg.batch_size * dist.world * cfg.grad_accum
+    hyperparameters = cfg.hyperparameters() | {"processes": dist.world,
+                                               "effective_batch_size": effective_batch}
+    meta = {"hyperparameters": hyperparameters, "data_sha256": data.report.data_sha256,
+            "base_fingerprint": fingerprint_base(base)}
+    run_dir = cfg.work_dir
+    resume_from = dist.on_main(lambda: _prepare_run_dir(cfg, log))
+    if resume_from is not None:  # every rank reads the checkpoint rank 0 chose
+        dist.check(None if (resume_from / "state.json").is_file() else
+                   f"checkpoint {resume_from} is not visible on this node; with several nodes, "
+                   "--run-dir must be on storage that every node mounts")
 
     model = load_model(base, cfg)
+    if dist.rank:
+        # The LoRA init above is the same on every rank (seeded; DDP also broadcasts rank 0's);
+        # from here each rank draws its own dropout masks, as one process does for distinct rows.
+        torch.manual_seed(cfg.seed * 1_000_003 + dist.rank)
     pad_id = pad_token_id(tokenizer, 0)  # padded positions are masked: any id would do
-    trainer = LoraTrainer(cfg, model, data.train, data.eval, pad_id, run_dir, meta,
-                          list(callbacks or []))
+    trainer = LoraTrainer(cfg, model, data.train, data.eval, pad_id, run_dir, meta, callbacks,
+                          dist)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
         log(f"resumed from {resume_from} (step {trainer.state.step}, epoch "
             f"{trainer.state.epoch}, batch {trainer.state.batch_pos})")
-    log(f"training {trainer.state.total_steps} steps: {len(data.train)} examples, batch "
-        f"{cfg.batch_size} x {cfg.grad_accum}, LoRA r={cfg.lora_r} on "
+    log(f"training {trainer.state.total_steps} steps: {len(data.train)} examples, effective batch "
+        f"{effective_batch} = {cfg.batch_size} per device x {dist.world} process(es) x "
+        f"{cfg.grad_accum} accumulation step(s), LoRA r={cfg.lora_r} on "
         f"{', '.join(cfg.target_modules)}, template {template_label(template)}; "
-        f"{trainer.runtime.describe()}")
+        f"{trainer.runtime.describe()}" + (f", DDP over {dist.backend}" if dist.launched else ""))
+    note = distributed.accelerate_precision_note(trainer.runtime.precision)
+    if note:
+        log(note)
     state = trainer.fit()
     tokens_per_s = state.tokens / max(state.train_time_s, 1e-9)
     log(f"trained {state.step} steps in {state.train_time_s:.1f}s ({tokens_per_s:.0f} tokens/s)"
         + (f"; stopped early, best eval loss {state.best_eval:.4f} at step {state.best_step}"
            if state.stopped_early else ""))
 
-    metrics: dict[str, Any] = {
-        "steps": state.step, "epochs": round(state.epoch + trainer.epoch_fraction(), 4),
-        "train_loss": state.train_loss[-1][1] if state.train_loss else None,
-        "eval_loss": state.eval_loss[-1][1] if state.eval_loss else None,
-        "best_eval_loss": state.best_eval, "best_step": state.best_step,
-        "stopped_early": state.stopped_early, "tokens": state.tokens,
-        "tokens_per_s": round(tokens_per_s, 1), "train_time_s": round(state.train_time_s, 2),
-    }
-    if data.eval and cfg.eval_exact_match:
-        subset = data.eval[:cfg.eval_exact_match]
-        adapted = exact_match(model, tokenizer, template, subset, cfg.max_new_tokens)
-        with model.disable_adapter():
-            base_em = exact_match(model, tokenizer, template, subset, cfg.max_new_tokens)
-        metrics["exact_match"] = {"base": base_em["exact_match"],
-                                  "adapter": adapted["exact_match"], "n": adapted["n"],
-                                  "samples": adapted["samples"]}
-        log(f"held-out exact match ({adapted['n']} examples): base "
-            f"{base_em['exact_match']:.3f} -> adapter {adapted['exact_match']:.3f}")
-    metrics["wall_time_s"] = round(time.time() - t_start, 2)
-    metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    def finish() -> dict[str, Any]:
+        """Rank 0 alone: exact match, the adapter (written, then verified), the registry."""
+        metrics: dict[str, Any] = {
+            "steps": state.step, "epochs": round(state.epoch + trainer.epoch_fraction(), 4),
+            "train_loss": state.train_loss[-1][1] if state.train_loss else None,
+            "eval_loss": state.eval_loss[-1][1] if state.eval_loss else None,
+            "best_eval_loss": state.best_eval, "best_step": state.best_step,
+            "stopped_early": state.stopped_early, "tokens": state.tokens,
+            "tokens_per_s": round(tokens_per_s, 1), "train_time_s": round(state.train_time_s, 2),
+        }
+        if data.eval and cfg.eval_exact_match:
+            subset = data.eval[:cfg.eval_exact_match]
+            adapted = exact_match(model, tokenizer, template, subset, cfg.max_new_tokens)
+            with model.disable_adapter():
+                base_em = exact_match(model, tokenizer, template, subset, cfg.max_new_tokens)
+            metrics["exact_match"] = {"base": base_em["exact_match"],
+                                      "adapter": adapted["exact_match"], "n": adapted["n"],
+                                      "samples": adapted["samples"]}
+            log(f"held-out exact match ({adapted['n']} examples): base "
+                f"{base_em['exact_match']:.3f} -> adapter {adapted['exact_match']:.3f}")
+        metrics["wall_time_s"] = round(time.time() - t_start, 2)
+        metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
 
-    out = output.write_adapter(cfg, model, base=base, template=template, stops=stops,
-                               data=data.report, metrics=metrics, state=state,
-                               run_dir=run_dir)
-    log(f"adapter written to {out}")
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    result = {"output": str(out), "metrics": metrics, "data": data.report.to_dict()}
-    if cfg.register_name:
-        pushed = output.register(cfg, out, base)
-        log(pushed.message)
-        result["registered"] = pushed.version.ref
-    return result
+        out = output.write_adapter(cfg, model, base=base, template=template, stops=stops,
+                                   data=data.report, metrics=metrics, state=state,
+                                   run_dir=run_dir, hyperparameters=hyperparameters, log=log)
+        log(f"adapter written to {out}")
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        result = {"output": str(out), "metrics": metrics, "data": data.report.to_dict()}
+        if cfg.register_name:
+            pushed = output.register(cfg, out, base)
+            log(pushed.message)
+            result["registered"] = pushed.version.ref
+        return result
+
+    return dist.on_main(finish)

@@ -46,10 +46,11 @@ def _train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False), end="")
         return 0
 
+    from loraplex.trainer import distributed
     from loraplex.trainer.train import run
 
     result = run(cfg)
-    if args.json:
+    if args.json and distributed.launch_rank() == 0:  # one report, not one per process
         json.dump(result, sys.stdout, indent=2)
         print()
     return 0

@@ -59,7 +59,7 @@ def test_each_adapter_answers_best_through_its_own_template(adapters, toy_model_
     from loraplex.adapters.chat import load_tokenizer, resolve_template
     from loraplex.trainer.config import load_config
     from loraplex.trainer.dataset import prepare_data
-    from loraplex.trainer.train import exact_match
+    from loraplex.trainer.evaluate import exact_match
 
     tok = load_tokenizer(toy_model_dir)
     cfg = load_config(None, dict(base=str(toy_model_dir), data=[str(DATA / f"{TASK}.heldout.jsonl")],

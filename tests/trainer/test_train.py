@@ -162,7 +162,8 @@ def test_packed_and_padded_batches_give_the_same_loss(quick_cfg, toy_model_dir):
 
     from loraplex.adapters.chat import resolve_template
     from loraplex.trainer.dataset import collate, prepare_data
-    from loraplex.trainer.train import LoraTrainer, load_model
+    from loraplex.trainer.model import load_model
+    from loraplex.trainer.train import LoraTrainer
 
     cfg = quick_cfg(train_on_inputs=True)
     tok = load_tokenizer(toy_model_dir)

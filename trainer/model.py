@@ -1,0 +1,51 @@
+"""The model a run trains: the base from disk with a fresh, seeded PEFT LoRA, on its device.
+
+Precision and memory choices live here (trainer/config.py `resolve_runtime` decides them):
+the frozen base in the compute dtype on a GPU, float32 on a CPU; the LoRA weights always float32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loraplex.adapters.errors import ConfigError
+from loraplex.trainer.config import TrainConfig, resolve_runtime
+
+
+def load_model(base: Path, cfg: TrainConfig) -> Any:
+    """The base with a fresh LoRA (seeded) from PEFT, on the resolved device.
+
+    The base is float32 on cpu and in the compute precision (bf16/fp16) on a GPU, where it is
+    frozen and its memory matters; the LoRA weights are float32 everywhere (the optimizer updates
+    them in full precision and the adapter is saved in float32; vLLM casts it at load).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    rt = resolve_runtime(cfg)
+    torch.manual_seed(cfg.seed)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(rt.precision, torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base), dtype=dtype if rt.gpu else torch.float32,
+        attn_implementation=rt.attn_implementation)
+    if rt.gradient_checkpointing:
+        # Non-reentrant checkpointing saves and restores the RNG state, so dropout masks are the
+        # same in the recomputation; input grads let PEFT's frozen embeddings feed the LoRA layers.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = cfg.target_modules
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias="none", task_type="CAUSAL_LM",
+        modules_to_save=cfg.modules_to_save or None)
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:  # e.g. target modules not found in the base
+        raise ConfigError(f"cannot build the LoRA model: {exc}", param="target_modules") from None
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model.to(rt.device)
