@@ -110,6 +110,11 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool | None = Field(
         None, description="recompute activations in backward to save memory (default: on for "
         "a GPU, off for cpu)")
+    quantize: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="QLoRA: load the frozen base quantized with bitsandbytes (4bit: "
+        "NF4, double quantization, bf16/fp16 compute; 8bit: LLM.int8) and train the LoRA on "
+        "it; needs cuda and the bitsandbytes package. The adapter is a normal LoRA, served on "
+        "the unquantized base")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="attention kernel of the base; flash_attention_2 needs cuda, the "
         "flash-attn package and bf16/fp16")
@@ -153,7 +158,7 @@ class TrainConfig(BaseModel):
             raise ValueError(f"tool_format: {self.tool_format!r} is not one of "
                              f"{', '.join(TOOL_FORMATS)}")
         if (self.device not in ("auto", "cpu") or self.precision not in ("auto", "fp32")
-                or self.attn_implementation == "flash_attention_2"):
+                or self.attn_implementation == "flash_attention_2" or self.quantize != "none"):
             resolve_runtime(self)  # an explicit choice this machine cannot honour fails here
         if self.lora_r < 1:
             raise ValueError(f"lora_r: rank {self.lora_r} is not allowed; use a rank >= 1 "
@@ -204,6 +209,7 @@ class Runtime:
     precision: str  # bf16 | fp16 | fp32
     gradient_checkpointing: bool
     attn_implementation: str
+    quantize: str = "none"  # none | 4bit | 8bit
 
     @property
     def gpu(self) -> bool:
@@ -217,7 +223,8 @@ class Runtime:
     def describe(self) -> str:
         return (f"device {self.device}, precision {self.precision}, gradient checkpointing "
                 f"{'on' if self.gradient_checkpointing else 'off'}, attention "
-                f"{self.attn_implementation}")
+                f"{self.attn_implementation}"
+                + (f", base quantized {self.quantize} (QLoRA)" if self.quantize != "none" else ""))
 
 
 def resolve_runtime(cfg: TrainConfig) -> Runtime:
@@ -259,10 +266,18 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
         if precision == "fp32":
             raise ValueError("attn_implementation: flash_attention_2 runs in bf16/fp16 only; "
                              "use --precision bf16 or --attn-implementation sdpa")
+    if cfg.quantize != "none":
+        if device != "cuda":
+            raise ValueError(f"quantize: --quantize {cfg.quantize} loads the base with "
+                             f"bitsandbytes, which needs a CUDA GPU (device is {device}); use "
+                             "--quantize none here")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"quantize: --quantize {cfg.quantize} needs the bitsandbytes "
+                             "package (pip install bitsandbytes); or use --quantize none")
     gc = cfg.gradient_checkpointing
     return Runtime(device=device, precision=precision,
                    gradient_checkpointing=device != "cpu" if gc is None else gc,
-                   attn_implementation=attn)
+                   attn_implementation=attn, quantize=cfg.quantize)
 
 
 # -- YAML + CLI ----------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ from loraplex.trainer.model import load_model
 # Options that must match for --resume to continue a run (the rest may change between attempts).
 RESUME_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "lr",
                "lr_scheduler", "warmup_ratio", "weight_decay", "batch_size", "grad_accum", "seed",
-               "epochs", "max_steps", "packing", "train_on_inputs", "max_seq_len", "chat_template")
+               "epochs", "max_steps", "packing", "train_on_inputs", "max_seq_len", "chat_template",
+               "quantize")
 
 
 def _log(msg: str) -> None:
@@ -574,6 +575,16 @@ def _run(cfg: TrainConfig, dist: Dist, callbacks: list[Callback],
                 f"{base_em['exact_match']:.3f} -> adapter {adapted['exact_match']:.3f}")
         metrics["wall_time_s"] = round(time.time() - t_start, 2)
         metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        if trainer.runtime.quantize != "none":
+            # QLoRA: a plain LoRA on a base it never saw in full precision. vLLM serves it on
+            # the unquantized base, so served outputs differ slightly from those measured here.
+            metrics["quantized_base"] = {
+                "quantize": trainer.runtime.quantize,
+                "note": "trained on a bitsandbytes-quantized base (exact match above was "
+                        "measured on it); the adapter is a normal LoRA, served on the "
+                        "unquantized base: evaluate it through the server before promoting"}
+            log(f"trained on a {trainer.runtime.quantize} base (QLoRA): the adapter serves on "
+                "the unquantized base; evaluate it through the server")
 
         out = output.write_adapter(cfg, model, base=base, template=template, stops=stops,
                                    data=data.report, metrics=metrics, state=state,

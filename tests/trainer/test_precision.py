@@ -97,6 +97,44 @@ def test_config_refuses_fp16_and_flash_attention_on_cpu():
         load_config(None, {**BASE, "device": "cpu", "attn_implementation": "flash_attention_2"})
 
 
+def test_quantize_needs_cuda_and_bitsandbytes(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    for q in ("4bit", "8bit"):
+        with pytest.raises(ConfigError, match=f"--quantize {q} .* needs a CUDA GPU.*--quantize none"):
+            load_config(None, {**BASE, "device": "cpu", "quantize": q})
+    # A CUDA machine without bitsandbytes (as far as the check can see): named, with the fix.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match="needs the bitsandbytes package \\(pip install"):
+        load_config(None, {**BASE, "quantize": "4bit"})
+
+
+def test_qlora_loads_nf4_with_double_quantization_in_the_compute_precision():
+    """What load_model hands transformers for --quantize (the GPU run itself is
+    benchmarks/gpu_train_check.sh's)."""
+    import torch
+
+    from loraplex.trainer.config import Runtime
+    from loraplex.trainer.model import quantization_config
+
+    rt = Runtime(device="cuda", precision="bf16", gradient_checkpointing=True,
+                 attn_implementation="sdpa", quantize="4bit")
+    q = quantization_config(rt)
+    assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant,
+            q.bnb_4bit_compute_dtype) == (True, "nf4", True, torch.bfloat16)
+    q = quantization_config(Runtime("cuda", "fp16", True, "sdpa", "4bit"))
+    assert q.bnb_4bit_compute_dtype == torch.float16
+    q = quantization_config(Runtime("cuda", "bf16", True, "sdpa", "8bit"))
+    assert q.load_in_8bit and not q.load_in_4bit
+    assert quantization_config(Runtime("cuda", "bf16", True, "sdpa")) is None
+
+
 def test_runtime_defaults_follow_the_device():
     rt = resolve_runtime(load_config(None, {**BASE, "device": "cpu"}))
     assert (rt.device, rt.precision, rt.gradient_checkpointing) == ("cpu", "fp32", False)
