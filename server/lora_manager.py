@@ -5,10 +5,22 @@
   not know triggers one immediate refresh, so a just-pushed adapter is served without waiting
   for the next poll.
 - Loading: local disk cache (content-addressed directory per version, sha256-verified by the
-  registry's fetch, LRU-evicted past `adapter_cache_bytes`), validation against the served base
-  and the engine's `max_lora_rank`, then `engine.add_lora`. Concurrent first requests for one
-  version share one load (one future per version); loads run in threads and never hold a lock
-  that other adapters' requests need.
+  registry's fetch), validation against the served base and the engine's `max_lora_rank`, then
+  `engine.add_lora`. Concurrent first requests for one version share one load (one future per
+  version); loads run in threads and never hold a lock that other adapters' requests need.
+- The disk cache keeps `adapter_cache_bytes`: an in-memory index (entry -> bytes, LRU order),
+  built once at start in a thread and kept by fetches and evictions, so no request walks the
+  directory. Before a fetch, least recently used entries are evicted until the new one fits.
+  An entry may go only when no request holds its version (`acquire` .. `release`: from
+  admission until the response is done, streams included), it is not loading and not pinned:
+  vLLM re-reads an adapter's files from `LoraRef.path` when it has dropped it from its host
+  cache and a request needs it again. Evicting drops the version from `loaded`, so its next
+  request loads it again (fetch, then `add_lora`, which for an id vLLM still holds only
+  touches it). The directory is renamed away on the event loop (one syscall, so the decision
+  and the name's release are atomic with respect to other requests) and deleted in a thread.
+- `update_residency` (each /metrics scrape) also sets the LoRA-affinity series the Gateway API
+  Inference Extension's endpoint picker reads (`vllm:lora_requests_info`): see
+  `lora_requests_info`.
 """
 
 from __future__ import annotations
@@ -18,7 +30,10 @@ import errno
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+import uuid
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 from loraplex.adapters.errors import (
@@ -31,6 +46,7 @@ from loraplex.adapters.errors import (
 )
 from loraplex.adapters.fingerprint import inspect_base
 from loraplex.adapters.records import AdapterVersion, BaseModelRecord, RegistrySnapshot
+from loraplex.adapters.refs import DEFAULT_ALIAS, LATEST
 from loraplex.adapters.registry import Registry
 from loraplex.adapters.validate import validate_adapter_dir
 from loraplex.server.interface import Engine, LoraRef
@@ -41,14 +57,34 @@ log = logging.getLogger("loraplex.adapters")
 # How long a request naming an unknown adapter waits for the registry before a 503 (a database
 # that hangs instead of refusing must not hang requests).
 LOOKUP_TIMEOUT_S = 5.0
+# Evicted cache entries are renamed to `.evicting-<entry>-<random>` and deleted in a thread; the
+# leading dot keeps them out of the index (and a start removes any a crash left behind).
+_TRASH = ".evicting-"
 
 
 @dataclass
 class _Loaded:
     ref: LoraRef
     version: AdapterVersion
+    entry: str  # its directory in the disk cache
     pinned: bool = False
-    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _CacheEntry:
+    """One whole adapter copy in the disk cache (the index's value)."""
+
+    nbytes: int
+    int_id: int | None = None  # the version it holds, once this process has used it
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def _remove_trees(paths: list[Path]) -> None:
+    for p in paths:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 class AdapterManager:
@@ -59,8 +95,17 @@ class AdapterManager:
         self.metrics = metrics
         self.base: BaseModelRecord = inspect_base(settings.base, settings.model)
         self.snapshot = RegistrySnapshot(revision=-1, versions=[], aliases=[])
-        self.loaded: dict[int, _Loaded] = {}  # by lora int id
+        self.loaded: dict[int, _Loaded] = {}  # by lora int id: handed to the engine
         self._loading: dict[int, asyncio.Future[LoraRef]] = {}
+        # Requests holding each version (by lora int id), from `acquire` to `release`.
+        self._uses: dict[int, int] = {}
+        # The disk cache index: entry name -> bytes, least recently used first. Changed only on
+        # the event loop; `_reserved` counts the bytes of fetches in progress.
+        self._disk: OrderedDict[str, _CacheEntry] = OrderedDict()
+        self._disk_bytes = 0
+        self._reserved = 0
+        self._trim: asyncio.Task | None = None
+        self._names: tuple[RegistrySnapshot, dict[int, list[str]], dict[str, int]] | None = None
         self._refresh_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
         self.registry_ok = False
@@ -92,6 +137,11 @@ class AdapterManager:
 
     async def start(self) -> None:
         await self.refresh(force=True)
+        for name, nbytes in await asyncio.to_thread(self._scan_cache):
+            self._disk[name] = _CacheEntry(nbytes)
+            self._disk_bytes += nbytes
+        await self._make_room()  # the cap may have been lowered since the last run
+        self.metrics.set_lora_info([], [], self.settings.max_loras)
         self._poller = asyncio.create_task(self._poll())
         for ref in self.settings.preload:
             version = await self.resolve(ref, None)
@@ -137,10 +187,41 @@ class AdapterManager:
             raise
 
     # -- loading --------------------------------------------------------------------------
+    async def acquire(self, v: AdapterVersion) -> LoraRef:
+        """`ensure_loaded`, holding the version for one request until `release(v)`: while held
+        (waiting for its load included), its disk copy is not evicted."""
+        i = v.lora_int_id
+        self._uses[i] = self._uses.get(i, 0) + 1
+        try:
+            return await self.ensure_loaded(v)
+        except BaseException:
+            self.release(v)
+            raise
+
+    def release(self, v: AdapterVersion) -> None:
+        i = v.lora_int_id
+        n = self._uses.get(i, 0) - 1
+        if n > 0:
+            self._uses[i] = n
+            return
+        self._uses.pop(i, None)
+        if (self._trim is None and self._disk_bytes + self._reserved
+                > self.settings.adapter_cache_bytes):
+            # Over the cap because everything was held (concurrent loads): back under it now
+            # that this one is free, not at the next load.
+            self._trim = asyncio.get_running_loop().create_task(self._trim_cache())
+
+    async def _trim_cache(self) -> None:
+        try:
+            await self._make_room()
+        finally:
+            self._trim = None
+
     async def ensure_loaded(self, v: AdapterVersion) -> LoraRef:
         hit = self.loaded.get(v.lora_int_id)
         if hit is not None:
-            hit.last_used = time.monotonic()
+            if hit.entry in self._disk:
+                self._disk.move_to_end(hit.entry)  # LRU
             self.metrics.cache_hits.labels(v.name, str(v.version)).inc()
             return hit.ref
         fut = self._loading.get(v.lora_int_id)
@@ -158,10 +239,12 @@ class AdapterManager:
             if not getattr(self.engine, "ready", True):
                 raise RuntimeError("the engine is not running")  # no download for nothing
             self._check_compatible(v)
-            path = await asyncio.to_thread(self._local_copy, v)
+            path = await self._cached_copy(v)
             ref = LoraRef(name=v.name, version=v.version, int_id=v.lora_int_id, path=str(path))
+            # For an id vLLM still holds (its copy was evicted from disk, not from the
+            # engine), add_lora only touches it in vLLM's LRU: the same path, nothing re-read.
             await self.engine.add_lora(ref)
-            self.loaded[v.lora_int_id] = _Loaded(ref=ref, version=v)
+            self.loaded[v.lora_int_id] = _Loaded(ref=ref, version=v, entry=path.name)
             self.metrics.load_seconds.labels(*labels).observe(time.perf_counter() - t0)
             self.metrics.loads.labels(*labels, "ok").inc()
             log.info("loaded %s in %.0f ms", v.ref, 1000 * (time.perf_counter() - t0))
@@ -173,7 +256,6 @@ class AdapterManager:
             fut.exception()  # mark retrieved: nobody may be waiting any more
         finally:
             self._loading.pop(v.lora_int_id, None)
-        self._evict_disk()
 
     def _load_error(self, v: AdapterVersion, exc: Exception) -> LoraplexError:
         """What a request waiting for a failed load is told."""
@@ -206,30 +288,60 @@ class AdapterManager:
     def _cache_path(self, v: AdapterVersion) -> Path:
         return self.settings.cache_dir / f"{v.name}@{v.version}-{v.content_sha256[:16]}"
 
-    def _local_copy(self, v: AdapterVersion) -> Path:
-        """Disk cache hit, or fetch (sha256-verified) into a temp dir, validate, rename.
+    # -- the disk cache -----------------------------------------------------------------------
+    async def _cached_copy(self, v: AdapterVersion) -> Path:
+        """The version's directory in the disk cache: a hit, or a fetch after making room for
+        it (LRU eviction down to `adapter_cache_bytes`). A full disk evicts further and tries
+        once more, then is a 503. Runs while `v` is in `_loading`, which protects its entry."""
+        name = self._cache_path(v).name
+        entry = self._disk.get(name)
+        if entry is not None:
+            entry.int_id = v.lora_int_id  # before any await: from now on it is protected
+            self._disk.move_to_end(name)
+        reserved = 0 if entry is not None else v.total_size
+        try:
+            if reserved:
+                await self._make_room(reserved)  # reserves them (at once) for this fetch
+            try:
+                path, nbytes = await asyncio.to_thread(self._local_copy, v, entry is None)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                freed = await self._make_room(need_free=v.total_size + (1 << 16))
+                log.warning("adapter cache %s is full loading %s: evicted %d bytes, retrying",
+                            self.settings.cache_dir, v.ref, freed)
+                try:
+                    path, nbytes = await asyncio.to_thread(self._local_copy, v, True)
+                except OSError as exc2:
+                    if exc2.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    raise NotReady(f"adapter {v.ref} cannot be loaded: this server's adapter "
+                                   f"cache disk ({self.settings.cache_dir}) is full; retry "
+                                   "shortly") from exc2
+        finally:
+            self._reserved -= reserved
+        old = self._disk.pop(name, None)
+        if old is not None:
+            self._disk_bytes -= old.nbytes
+        nbytes = nbytes if nbytes is not None else (old.nbytes if old is not None else 0)
+        self._disk[name] = _CacheEntry(nbytes, v.lora_int_id)
+        self._disk_bytes += nbytes
+        if self._disk_bytes + self._reserved > self.settings.adapter_cache_bytes:
+            await self._make_room()  # it came out larger than its record said
+        return path
+
+    def _local_copy(self, v: AdapterVersion, measure: bool) -> tuple[Path, int | None]:
+        """(In a thread.) Disk cache hit, or fetch (sha256-verified) into a temp dir,
+        validate, rename; with its size in bytes when fetched (or when `measure`).
 
         Nothing but a whole, verified copy ever appears under its cache name; a failed fetch
-        leaves nothing. A full disk evicts unused cached adapters and tries once more."""
+        leaves nothing."""
         d = self._cache_path(v)
         if d.exists():
-            d.touch()  # LRU by mtime
-            return d
-        try:
-            return self._fetch_into_cache(v, d)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            freed = self._evict_disk(need_free=v.total_size + (1 << 16))
-            log.warning("adapter cache %s is full loading %s: evicted %d bytes, retrying",
-                        self.settings.cache_dir, v.ref, freed)
-        try:
-            return self._fetch_into_cache(v, d)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise NotReady(f"adapter {v.ref} cannot be loaded: this server's adapter cache "
-                           f"disk ({self.settings.cache_dir}) is full; retry shortly") from exc
+            d.touch()  # LRU order for the index a restart builds
+            return d, _dir_bytes(d) if measure else None
+        self._fetch_into_cache(v, d)
+        return d, _dir_bytes(d)
 
     def _fetch_into_cache(self, v: AdapterVersion, d: Path) -> Path:
         tmp = d.with_name(d.name + ".partial")
@@ -244,33 +356,81 @@ class AdapterManager:
             raise
         return d
 
-    def _evict_disk(self, need_free: int = 0) -> int:
-        """LRU-evict cached adapters not in use: down to `adapter_cache_bytes`, and further
-        until `need_free` bytes are free on the cache's disk. Returns the bytes removed."""
+    def _scan_cache(self) -> list[tuple[str, int]]:
+        """(In a thread, once at start.) The whole cached copies on disk, least recently used
+        first, with their sizes; removes what an eviction interrupted by a crash left."""
+        found = []
+        for p in self.settings.cache_dir.iterdir():
+            if p.name.startswith(_TRASH):
+                shutil.rmtree(p, ignore_errors=True)
+            # Only whole cached copies: not `.partial` fetches or their `.NAME.tmp-*` downloads.
+            elif p.is_dir() and not p.name.endswith(".partial") and not p.name.startswith("."):
+                found.append((p.stat().st_mtime, p.name, _dir_bytes(p)))
+        return [(name, nbytes) for _, name, nbytes in sorted(found)]
+
+    def _evictable(self, e: _CacheEntry) -> bool:
+        """No request holds the entry's version, it is not loading and not pinned."""
+        i = e.int_id
+        if i is None:  # never used by this process: nothing can be reading it
+            return True
+        if self._uses.get(i) or i in self._loading:
+            return False
+        hit = self.loaded.get(i)
+        return hit is None or not hit.pinned
+
+    async def _make_room(self, incoming: int = 0, need_free: int = 0) -> int:
+        """LRU-evict cache entries nobody uses until the index plus the fetches in progress
+        plus `incoming` (reserved here for the caller, which gives it back) fit in
+        `adapter_cache_bytes`, and until `need_free` bytes are free on the cache's disk.
+        Returns the bytes evicted. The plan and the renames run on the event loop without an
+        await between them, so no request can take an entry between its choice and its
+        removal; the deletion runs in a thread."""
         cache = self.settings.cache_dir
-        # Only whole cached copies: not `.partial` fetches or their `.NAME.tmp-*` downloads.
-        dirs = [p for p in cache.iterdir() if p.is_dir() and not p.name.endswith(".partial")
-                and not p.name.startswith(".")]
-        sizes = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in dirs}
-        total = sum(sizes.values())
-        in_use = {Path(x.ref.path) for x in list(self.loaded.values())}  # runs in a thread
-        removed = 0
-        for p in sorted(dirs, key=lambda p: p.stat().st_mtime):
-            if total <= self.settings.adapter_cache_bytes and (
-                    not need_free or shutil.disk_usage(cache).free >= need_free):
+        free = (await asyncio.to_thread(shutil.disk_usage, cache)).free if need_free else 0
+        cap = self.settings.adapter_cache_bytes
+        total = self._disk_bytes + self._reserved + incoming
+        self._reserved += incoming
+        victims: list[str] = []
+        freed = 0
+        for name, e in self._disk.items():  # least recently used first
+            if total - freed <= cap and free + freed >= need_free:
                 break
-            if p in in_use:
-                continue
-            shutil.rmtree(p, ignore_errors=True)
-            total -= sizes[p]
-            removed += sizes[p]
-        return removed
+            if self._evictable(e):
+                victims.append(name)
+                freed += e.nbytes
+        trash = []
+        for name in victims:
+            e = self._disk.pop(name)
+            self._disk_bytes -= e.nbytes
+            hit = self.loaded.get(e.int_id) if e.int_id is not None else None
+            if hit is not None and hit.entry == name:
+                del self.loaded[e.int_id]  # its next request loads (fetches) it again
+            dest = cache / f"{_TRASH}{name}-{uuid.uuid4().hex[:8]}"
+            try:
+                (cache / name).rename(dest)
+                trash.append(dest)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # left on disk, out of the index: never read again
+                log.warning("could not evict %s from the adapter cache: %s", name, exc)
+        if victims:
+            log.info("adapter cache: evicted %d entries (%d bytes) for %d bytes incoming",
+                     len(victims), freed, incoming)
+        if total - freed > cap:
+            log.debug("adapter cache over its cap (%d > %d bytes): the rest is in use",
+                      total - freed, cap)
+        if trash:
+            await asyncio.to_thread(_remove_trees, trash)
+        return freed
 
     # -- admin verbs ----------------------------------------------------------------------
     async def pin(self, v: AdapterVersion) -> LoraRef:
-        ref = await self.ensure_loaded(v)
-        await self.engine.pin_lora(ref)
-        self.loaded[v.lora_int_id].pinned = True
+        ref = await self.acquire(v)  # held: not evicted between its load and the pin
+        try:
+            await self.engine.pin_lora(ref)
+            self.loaded[v.lora_int_id].pinned = True
+        finally:
+            self.release(v)
         return ref
 
     async def unpin(self, v: AdapterVersion) -> None:
@@ -290,14 +450,16 @@ class AdapterManager:
         return True
 
     async def update_residency(self) -> None:
-        """Refresh the `loraplex_adapter_resident` gauge; /metrics calls it before rendering.
+        """Refresh the `loraplex_adapter_resident` gauge and the LoRA-affinity series
+        (`lora_requests_info`); /metrics calls it before rendering.
 
         Only there: the gauge is read nowhere else, and the engine query is a worker RPC that,
         run after a load, would queue ahead of the request that waited for it (P3 measured it).
 
         accelerator / host come from the engine itself: vLLM moves adapters between its
         `max_loras` batch slots and its `max_cpu_loras` host LRU on its own, so the server's
-        `loaded` map says what was handed over, not where it is now. disk is the local cache.
+        `loaded` map says what was handed over, not where it is now. disk is the local cache
+        (its in-memory index: no directory walk here).
         """
         try:
             engine_view = await asyncio.wait_for(self.engine.lora_residency(), timeout=2.0)
@@ -305,11 +467,89 @@ class AdapterManager:
             engine_view = None
         if engine_view is None:  # the engine cannot tell: report what we handed it
             engine_view = {i: {"host"} for i in self.loaded}
-        on_disk = {p.name for p in self.settings.cache_dir.iterdir() if p.is_dir()}
         tiers: dict[str, list[tuple[str, int]]] = {"accelerator": [], "host": [], "disk": []}
         for v in self.snapshot.versions:
             for tier in sorted(engine_view.get(v.lora_int_id, ())):
                 tiers[tier].append((v.name, v.version))
-            if self._cache_path(v).name in on_disk:
+            if self._cache_path(v).name in self._disk:
                 tiers["disk"].append((v.name, v.version))
         self.metrics.set_residency(tiers)
+        hot = {i for i, where in engine_view.items() if "accelerator" in where}
+        self.metrics.set_lora_info(*self.lora_requests_info(hot, self.metrics.engine_lora_requests()))
+
+    def lora_requests_info(self, hot: Collection[int] = (),
+                           engine: tuple[set[str], set[str]] | None = None
+                           ) -> tuple[list[str], list[str], int]:
+        """(running, waiting, max_lora) for the endpoint picker's LoRA affinity, in vLLM's
+        `vllm:lora_requests_info` convention, but in the names clients send: every reference
+        that resolves to the version (`name@N`, `name:alias` for each alias that can pick it,
+        `name` and `name:latest` where they mean it), so a request that names an alias is
+        routed by affinity too (vLLM's own series knows only `name@N`).
+
+        - running: versions with requests handed to the engine (`acquire`d, loaded) that
+          vLLM's scheduler does not report as only waiting, and versions in one of the
+          engine's `max_loras` batch slots (`hot`, from the worker query): a request routed
+          there needs no load at all, also between bursts, when nothing of it is in flight.
+        - waiting: versions whose requests wait for their adapter's load (fetch, validation,
+          `add_lora`), and those whose engine requests vLLM's scheduler reports waiting for a
+          slot and none running (`engine`: the running / waiting `name@N` sets of vLLM's
+          latest sample, read only for versions with requests in flight here, so a stale
+          sample says nothing). A version is in one list or the other, never both.
+        - max_lora: the engine's `max_loras`, plus the extra names listed (aliases, idle hot
+          versions). The picker's capacity test is `len(running) + len(waiting) < max_lora`
+          over names; with this, it holds exactly when fewer adapter versions than
+          `max_loras` have requests here, and several names of one adapter do not fill a
+          replica.
+        """
+        names, by_key = self._client_names()
+        e_run, e_wait = engine if engine is not None else (set(), set())
+        e_run = {by_key[k] for k in e_run if k in by_key}
+        e_wait = {by_key[k] for k in e_wait if k in by_key}
+        held = [i for i, n in self._uses.items() if n > 0]
+        busy = {i for i in held if i in self.loaded and i not in self._loading}
+        # Waiting for a slot: vLLM lists it waiting and not running. vLLM 0.32 also lists as
+        # waiting, for its whole life, every request it runs (measured: one stream of one
+        # adapter shows in both lists), so "in both" means running.
+        slot_wait = busy & (e_wait - e_run)
+        waiting = {i for i in held if i in self._loading} | slot_wait
+        busy -= slot_wait
+        running = busy | set(hot)
+        run_names = sorted({n for i in running for n in names.get(i, ())})
+        wait_names = sorted({n for i in waiting for n in names.get(i, ())})
+        counted = len([i for i in busy if i in names]) + len([i for i in waiting if i in names])
+        extra = len(run_names) + len(wait_names) - counted
+        return run_names, wait_names, max(self.settings.max_loras + extra, 0)
+
+    def _client_names(self) -> tuple[dict[int, list[str]], dict[str, int]]:
+        """({lora int id: the references that resolve to it}, {`name@N`: int id}) for the
+        current snapshot (computed once per snapshot)."""
+        snap = self.snapshot
+        if self._names is not None and self._names[0] is snap:
+            return self._names[1], self._names[2]
+        by_ref = {(v.name, v.version): v for v in snap.versions}
+        names: dict[int, set[str]] = {}
+        latest: dict[str, AdapterVersion] = {}
+        for v in snap.versions:
+            if v.state == "active":
+                names.setdefault(v.lora_int_id, set()).add(f"{v.name}@{v.version}")
+                cur = latest.get(v.name)
+                if cur is None or v.version > cur.version:
+                    latest[v.name] = v
+        default = {a.name for a in snap.aliases if a.alias == DEFAULT_ALIAS}
+        for name, v in latest.items():
+            got = names[v.lora_int_id]
+            got.add(f"{name}:{LATEST}")
+            if name not in default:
+                got.add(name)
+        for a in snap.aliases:
+            for version, _ in a.weights:
+                v = by_ref.get((a.name, version))
+                if v is not None:
+                    got = names.setdefault(v.lora_int_id, set())
+                    got.add(f"{a.name}:{a.alias}")
+                    if a.alias == DEFAULT_ALIAS:
+                        got.add(a.name)
+        out = {i: sorted(n) for i, n in names.items()}
+        by_key = {f"{v.name}@{v.version}": v.lora_int_id for v in snap.versions}
+        self._names = (snap, out, by_key)
+        return out, by_key

@@ -1,13 +1,25 @@
 """Prometheus series of loraplex, labelled by adapter and version.
 
 vLLM's own `vllm:*` series (autoscalers and the Gateway API Inference Extension key on them,
-e.g. `vllm:num_requests_waiting`, `vllm:lora_requests_info`) stay in prometheus_client's
-default registry exactly as vLLM writes them; ours live in a registry of their own (so several
-apps in one test process do not collide) and `/metrics` serves both.
+e.g. `vllm:num_requests_waiting`) stay in prometheus_client's default registry exactly as vLLM
+writes them; ours live in a registry of their own (so several apps in one test process do not
+collide) and `/metrics` serves both.
 The base model is labelled `adapter="<served name>", version="base"`.
+
+One exception: `vllm:lora_requests_info`, the series the Inference Extension's endpoint picker
+reads for LoRA affinity. vLLM's knows only the engine's `name@N` names, so a request naming an
+alias (`name:prod`) or a bare name would never match it. loraplex writes it instead, in the
+names clients send (AdapterManager.lora_requests_info), once as `loraplex_lora_requests_info`
+and once under vLLM's exact name (the picker's default for vLLM servers), and leaves vLLM's own
+family out of /metrics: two families of one name would make the scrape unparseable. Same
+labels as vLLM's (`running_lora_adapters`, `waiting_lora_adapters`: comma-separated names;
+`max_lora`), one series, its value the time of the scrape (the picker takes the series with
+the largest value, so the latest).
 """
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import (
     REGISTRY,
@@ -17,7 +29,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 
+VLLM_LORA_INFO = "vllm:lora_requests_info"
+LORA_INFO_LABELS = ("max_lora", "running_lora_adapters", "waiting_lora_adapters")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LABELS = ("adapter", "version")
 
@@ -56,6 +71,40 @@ class Metrics:
             "loraplex_requests_in_flight", "Requests being served now.", registry=r)
         self.registry_revision = Gauge(
             "loraplex_registry_revision", "Registry revision of the served view.", registry=r)
+        self.lora_info = _LoraInfo()
+        r.register(self.lora_info)
+
+    def set_lora_info(self, running: list[str], waiting: list[str], max_lora: int) -> None:
+        self.lora_info.state = (str(max_lora), ",".join(running), ",".join(waiting))
+
+    @staticmethod
+    def engine_lora_requests() -> tuple[set[str], set[str]] | None:
+        """(running, waiting) `name@N` sets of the engine's own latest `vllm:lora_requests_info`
+        sample (the one with the largest timestamp, as the picker reads it); None if vLLM
+        wrote none in this process.
+
+        vLLM adds a series to that gauge for every distinct set of labels it ever sets and
+        drops none: with many adapters, a new one almost every step, so the gauge (collected
+        at each scrape, even though /metrics leaves it out) would grow for the process's
+        life. Only the latest says anything, so the rest are dropped here."""
+        samples = [s for fam in REGISTRY.restricted_registry([VLLM_LORA_INFO]).collect()
+                   for s in fam.samples if s.name == VLLM_LORA_INFO]
+        if not samples:
+            return None
+        latest = max(samples, key=lambda s: s.value)
+        if len(samples) > 1:
+            gauge = getattr(REGISTRY, "_names_to_collectors", {}).get(VLLM_LORA_INFO)
+            if isinstance(gauge, Gauge):  # vLLM's (its Ray variant is something else)
+                try:
+                    gauge.clear()
+                    gauge.labels(**latest.labels).set(latest.value)
+                except Exception:  # noqa: BLE001 - a vLLM that changed the labels: keep it
+                    pass
+
+        def names(label: str) -> set[str]:
+            return {n.strip() for n in latest.labels.get(label, "").split(",") if n.strip()}
+
+        return names("running_lora_adapters"), names("waiting_lora_adapters")
 
     def set_residency(self, tiers: dict[str, list[tuple[str, int]]]) -> None:
         self.resident.clear()
@@ -64,4 +113,38 @@ class Metrics:
                 self.resident.labels(name, str(version), tier).set(1)
 
     def render(self) -> bytes:
-        return generate_latest(REGISTRY) + generate_latest(self.registry)
+        return generate_latest(_Without(REGISTRY, VLLM_LORA_INFO)) + generate_latest(self.registry)
+
+
+class _LoraInfo:
+    """The LoRA-affinity series, under loraplex's name and vLLM's (see the module docstring).
+    No sample until the server has set it."""
+
+    HELP = ("LoRA adapters with requests running or resident in the engine's batch slots, and "
+            "with requests waiting for a load or a slot, in every name a client may send "
+            "(vLLM's vllm:lora_requests_info convention; value: the time of the scrape). "
+            "max_lora: the engine's max_loras plus the extra names listed, so that names listed "
+            "< max_lora holds exactly when adapter versions with requests < max_loras.")
+
+    def __init__(self) -> None:
+        self.state: tuple[str, str, str] | None = None
+
+    def collect(self):
+        now = time.time()
+        for name in ("loraplex_lora_requests_info", VLLM_LORA_INFO):
+            fam = GaugeMetricFamily(name, self.HELP, labels=LORA_INFO_LABELS)
+            if self.state is not None:
+                fam.add_metric(list(self.state), now)
+            yield fam
+
+
+class _Without:
+    """A registry's families less one (for generate_latest, which only calls collect)."""
+
+    def __init__(self, registry, name: str) -> None:
+        self.registry, self.name = registry, name
+
+    def collect(self):
+        for fam in self.registry.collect():
+            if fam.name != self.name:
+                yield fam

@@ -13,6 +13,7 @@ how the collected outputs become its JSON body. The rest is here, once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -70,6 +71,7 @@ class InFlight:
         self.permit = permit  # the key's concurrency slot (server/auth.py), if it has a limit
         self.t0 = time.perf_counter()
         self.recorded = self.released = False
+        self.on_release: Callable[[], None] | None = None  # gives back the adapter it holds
         admission.in_flight += 1
         self.metrics.in_flight.inc()
 
@@ -85,6 +87,8 @@ class InFlight:
         self.record("499")  # nothing else recorded it: the client left before the body began
         if self.permit is not None:
             self.permit.release()
+        if self.on_release is not None:
+            self.on_release()
         self.admission.in_flight -= 1
         self.metrics.in_flight.dec()
         self.metrics.latency.labels(*self.labels).observe(time.perf_counter() - self.t0)
@@ -251,7 +255,12 @@ class ServingBase:
         guard = self.admission.admit(self.labels(p.version), p.endpoint,
                                      getattr(raw.state, "principal", None))
         try:
-            lora = await self.manager.ensure_loaded(p.version) if p.version else None
+            lora = None
+            if p.version is not None:
+                # Held until the response is done (a stream's end included): its disk copy,
+                # which the engine may read again, is not evicted meanwhile.
+                lora = await self.manager.acquire(p.version)
+                guard.on_release = functools.partial(self.manager.release, p.version)
             for gen in p.gens:
                 gen.lora = lora
             chunks = self._chunks(p.gens, guard)

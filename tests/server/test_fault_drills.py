@@ -340,7 +340,8 @@ def test_cache_disk_full_evicts_then_503_then_loads(toy_model_dir, adapter, tmp_
     size = reg.resolve("first").total_size
     with tiny_disk(tmp_path / "cache", "4m") as cache:
         settings = ServerSettings(home=tmp_path, model=toy_model_dir, served_model_name="toy",
-                                  api_keys=["k"], max_lora_rank=8, adapter_cache_dir=cache)
+                                  api_keys=["k"], max_lora_rank=8, adapter_cache_dir=cache,
+                                  admin_key="adm")
         stale = cache / "old@1-0123456789abcdef"  # an adapter cached long ago, not in use
         stale.mkdir()
         (stale / "adapter_model.safetensors").write_bytes(b"\0" * (2 * size))
@@ -354,7 +355,10 @@ def test_cache_disk_full_evicts_then_503_then_loads(toy_model_dir, adapter, tmp_
             assert r.status_code == 200, r.text
             assert sorted(p.name for p in cache.iterdir()) == [
                 "filler", f"first@1-{reg.resolve('first').content_sha256[:16]}"]
-            more = fill(cache, name="more")  # nothing left to evict: `first` is in use
+            # nothing left to evict: `first` is pinned (a finished request holds nothing)
+            r = c.post("/admin/adapters/first/pin", headers={"Authorization": "Bearer adm"})
+            assert r.status_code == 200, r.text
+            more = fill(cache, name="more")
             r = ask("second")
             assert r.status_code == 503, r.text
             assert r.headers["retry-after"] == "5" and r.json()["error"]["code"] == "not_ready"
