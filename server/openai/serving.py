@@ -34,6 +34,7 @@ from loraplex.server.metrics import Metrics
 from loraplex.server.settings import ServerSettings
 
 log = logging.getLogger("loraplex.serving")
+MODEL_HEADER = "x-loraplex-model"  # the version that answered (`name@N`, or the base's name)
 
 
 class Admission:
@@ -99,8 +100,8 @@ class _GuardedStream(StreamingResponse):
     the client is gone before the body starts (then the body generator never runs, and its
     `finally` would not either)."""
 
-    def __init__(self, body: AsyncIterator[bytes], guard: InFlight):
-        super().__init__(body, media_type="text/event-stream")
+    def __init__(self, body: AsyncIterator[bytes], guard: InFlight, headers: dict[str, str]):
+        super().__init__(body, media_type="text/event-stream", headers=headers)
         self.guard = guard
 
     async def __call__(self, scope, receive, send) -> None:
@@ -264,14 +265,17 @@ class ServingBase:
             for gen in p.gens:
                 gen.lora = lora
             chunks = self._chunks(p.gens, guard)
+            # Which version answered: `name`, `name:alias` (a weighted split too) and `name@N`
+            # all resolve to one version per request, and only this header says which.
+            headers = {**p.headers, MODEL_HEADER: p.version.ref if p.version is not None
+                       else self.settings.served_model_name}
             if p.stream:
-                return _GuardedStream(self._sse(p, chunks, guard),
-                                      guard)
+                return _GuardedStream(self._sse(p, chunks, guard), guard, headers)
             outputs = await _until_disconnected(_collect(chunks, p.gens), raw)
             body = p.body(outputs)
             guard.record("200")
             guard.release()
-            return JSONResponse(body, headers=p.headers)
+            return JSONResponse(body, headers=headers)
         except asyncio.CancelledError:
             guard.release()  # the client left while the adapter loaded: recorded as 499
             raise

@@ -124,6 +124,19 @@ def test_stream_is_sse_with_done_and_usage(app_and_engine):
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert {c["index"] for e in events[1:-1] for c in e["choices"]} == {0, 1}
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] > 0
+    assert r.headers["x-loraplex-model"] == "toy"
+
+
+def test_the_answering_version_is_in_a_header(app_and_engine, tmp_path):
+    """`name`, `name:alias` and `name@N` each resolve to one version; the header names it, on
+    JSON and streamed answers alike."""
+    client, _ = app_and_engine
+    assert chat(client).headers["x-loraplex-model"] == "toy"
+    for model in ("upper", "upper@1"):
+        assert chat(client, model=model).headers["x-loraplex-model"] == "upper@1"
+    with client.stream("POST", "/v1/completions", json={
+            "model": "upper", "prompt": "hi", "max_tokens": 2, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["x-loraplex-model"] == "upper@1"
 
 
 @pytest.mark.parametrize("body, status, param, code", [
