@@ -170,17 +170,16 @@ class AdapterManager:
             except AdapterNotFound as not_found:
                 # Maybe pushed after our last poll: look once more, now.
                 try:
-                    changed = await asyncio.wait_for(self.refresh(), LOOKUP_TIMEOUT_S)
+                    await asyncio.wait_for(self.refresh(), LOOKUP_TIMEOUT_S)
                 except asyncio.TimeoutError:
-                    changed = False
                     self.registry_ok = False
                 if not self.registry_ok:
                     raise StoreUnavailable(
                         f"{model!r} is not in this server's registry view (revision "
                         f"{self.snapshot.revision}) and the registry database cannot be reached "
                         "to look it up; retry shortly") from not_found
-                if not changed:
-                    raise
+                # Look again whether or not this refresh moved the snapshot: a concurrent
+                # request's refresh (or the poller's) may have brought it in meanwhile.
                 return self.snapshot.resolve(model, key=user)
         except LoraplexError as exc:
             exc.param = "model"  # the request field that named it

@@ -251,3 +251,18 @@ def test_serve_lists_the_alias_while_its_request_runs(served, test_loras):
     # the picker's capacity test counts versions with requests, not names
     waiting = listed(got, "waiting_lora_adapters")
     assert len(running) + len(waiting) < int(got.labels["max_lora"])
+
+
+def test_concurrent_requests_for_a_just_pushed_adapter_all_resolve(tmp_path, toy_model_dir,
+                                                                   registry, one_step_lora):
+    """Pushed after the server's last poll, asked for by several requests at once: the first
+    refresh brings it in, and the requests that waited for that refresh find it too (they used
+    to get a 404 because their own refresh saw no new revision)."""
+    settings = settings_for(tmp_path, toy_model_dir, poll_interval_s=3600)
+
+    async def body(m, engine):
+        registry.push(distinct(one_step_lora, tmp_path, "fresh"), "fresh", base="toy")
+        found = await asyncio.gather(*(m.resolve("fresh", None) for _ in range(4)))
+        return [v.ref for v in found]
+
+    assert run_manager(settings, registry, body) == ["fresh@1"] * 4
