@@ -1,4 +1,5 @@
-"""The records of the registry: a base model, an adapter version, an alias, a snapshot.
+"""The records of the registry: a base model, an adapter version, an alias, a snapshot, a
+promotion decision.
 
 These pydantic models are the contract between the registry, the trainer and the server. The
 snapshot carries everything a server needs to resolve references in memory (no DB round trip per
@@ -105,9 +106,7 @@ class Alias(BaseModel):
     @property
     def target(self) -> str:
         """`3` for a plain alias, `3:90,4:10` for a split (the CLI's syntax)."""
-        if len(self.weights) == 1:
-            return str(self.weights[0][0])
-        return ",".join(f"{v}:{w}" for v, w in self.weights)
+        return weights_text(self.weights)
 
 
 class PushResult(BaseModel):
@@ -116,6 +115,59 @@ class PushResult(BaseModel):
     message: str
     alias: Alias | None = None
     notes: list[str] = Field(default_factory=list)
+
+
+class RuleResult(BaseModel):
+    """One rule of a promotion gate, as judged on the figures of one decision."""
+
+    metric: str  # "<eval set>.<figure>", e.g. "golden.pass_rate"
+    rule: Literal["min", "max", "max_regression"]
+    threshold: float
+    candidate: float | None = None
+    baseline: float | None = None
+    passed: bool
+    detail: str = ""
+
+
+class PromotionDecision(BaseModel):
+    """One `loraplex adapters promote` decision: who, when, the figures of both sides, each
+    gate rule with its verdict, and the alias before and after (equal when nothing moved)."""
+
+    id: int | None = None
+    name: str
+    alias: str
+    candidate: int
+    baseline: int | None = None  # the alias's version the candidate was compared with
+    outcome: Literal["promoted", "canary", "rejected", "aborted"]
+    actor: str
+    created_at: datetime | None = None
+    before: list[tuple[int, int]] | None = None  # alias weights; None: the alias did not exist
+    after: list[tuple[int, int]] | None = None
+    canary_percent: int | None = None
+    rules: list[RuleResult] = Field(default_factory=list)
+    # "candidate" / "baseline" -> {"<eval set>.<figure>": value}
+    figures: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    evals: dict[str, Any] = Field(default_factory=dict)  # eval set -> {"sha256", "n", ...}
+    gate: dict[str, Any] = Field(default_factory=dict)  # the gate as read, with its sha256
+    server: str | None = None
+    note: str = ""
+
+    @property
+    def moved(self) -> bool:
+        return self.outcome in ("promoted", "canary")
+
+    @property
+    def failed_rules(self) -> list[RuleResult]:
+        return [r for r in self.rules if not r.passed]
+
+
+def weights_text(weights: list[tuple[int, int]] | None) -> str:
+    """`3`, `3:90,4:10`, or `-` for no alias (the CLI's syntax)."""
+    if not weights:
+        return "-"
+    if len(weights) == 1:
+        return str(weights[0][0])
+    return ",".join(f"{v}:{w}" for v, w in weights)
 
 
 def pick_weighted(weights: list[tuple[int, int]], salt: str, key: str | None) -> int:

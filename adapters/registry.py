@@ -6,6 +6,8 @@
     reg.set_alias("support-bot", "prod", "3:90,4:10")
     v = reg.resolve("support-bot", key="user-42")  # sticky pick from the weighted prod alias
     reg.pull("support-bot@3", "/tmp/sb3")
+    reg.record_eval("support-bot@3", "golden", {...})  # metrics["evals"]["golden"]
+    reg.promotions("support-bot")                  # recorded promotion decisions
 
 A push validates the directory against its base, writes the files once to a fresh artifact
 prefix, and only then inserts the version (and moves the alias) in one transaction that also
@@ -44,6 +46,7 @@ from loraplex.adapters.records import (
     AdapterVersion,
     Alias,
     BaseModelRecord,
+    PromotionDecision,
     PushResult,
     RegistrySnapshot,
     archived_error,
@@ -52,12 +55,13 @@ from loraplex.adapters.records import (
     not_found_name,
     not_found_version,
     pick_weighted,
+    weights_text,
 )
 from loraplex.adapters.refs import DEFAULT_ALIAS, LATEST, Ref, check_alias, check_name, parse_ref
 from loraplex.adapters.settings import RegistrySettings
 from loraplex.adapters.validate import validate_adapter_dir
 
-V, A, B = sql.versions_t, sql.aliases_t, sql.bases_t
+V, A, B, P = sql.versions_t, sql.aliases_t, sql.bases_t, sql.promotions_t
 VCOLS = (V.c.id, V.c.state, V.c.record)  # what loading a version needs
 log = logging.getLogger("loraplex.registry")
 
@@ -502,8 +506,10 @@ class Registry:
         try:
             with sql.write_tx(self.engine) as conn:
                 sql.bump_revision(conn)
-                row = conn.execute(select(*VCOLS).where(V.c.name == r.name,
-                                                        V.c.version == r.version)).first()
+                # FOR UPDATE: a concurrent record_eval (which takes no revision lock) cannot
+                # slip its metrics in between this read and the write below (PostgreSQL).
+                row = conn.execute(select(*VCOLS).where(
+                    V.c.name == r.name, V.c.version == r.version).with_for_update()).first()
                 if row is None:
                     raise self._diagnose(conn, r)
                 if row.state == "archived":
@@ -521,6 +527,91 @@ class Registry:
                 return archived
         except _NoChange as nc:
             return nc.args[0]
+
+    # -- evaluations and promotions ------------------------------------------------------------
+
+    def record_eval(self, ref: str | Ref, eval_set: str, result: dict[str, Any]) -> AdapterVersion:
+        """Store one eval set's result on a version: `metrics["evals"][eval_set] = result`
+        (replacing an earlier result for that set; the push-time metrics are kept).
+
+        The registry revision is not bumped: servers resolve and load by files, template and
+        state, never by metrics. The version row is locked for the read-modify-write (SQLite:
+        the write transaction; PostgreSQL: FOR UPDATE), so concurrent results for other sets
+        and an archive are not lost."""
+        r = parse_ref(ref)
+        if r.version is None:
+            raise BadRequest(f"an eval result is stored on an explicit version, e.g. {r.name}@3 "
+                             f"(got {str(r)!r})", param="ref")
+        if not eval_set or not isinstance(eval_set, str) or len(eval_set) > 200:
+            raise BadRequest(f"invalid eval set name {eval_set!r}", param="eval_set")
+        try:
+            json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError):
+            raise BadRequest("an eval result must be JSON-serializable (no NaN)",
+                             param="result") from None
+        with sql.write_tx(self.engine) as conn:
+            row = conn.execute(select(*VCOLS).where(
+                V.c.name == r.name, V.c.version == r.version).with_for_update()).first()
+            if row is None:
+                raise self._diagnose(conn, r)
+            v = self._versions.get(row)
+            metrics = dict(v.metrics)
+            evals = dict(metrics.get("evals") or {})
+            evals[eval_set] = result
+            metrics["evals"] = evals
+            updated = v.model_copy(update={"metrics": metrics})
+            conn.execute(update(V).where(V.c.id == row.id)
+                         .values(record=updated.model_dump_json()))
+        return updated
+
+    def record_promotion(self, decision: PromotionDecision,
+                         target: list[tuple[int, int]] | None,
+                         expect: list[tuple[int, int]] | None) -> PromotionDecision:
+        """Record a promotion decision and, when `target` is given (the gate passed), point
+        the alias at it, in one transaction.
+
+        `expect` is the alias as the decision saw it (None: no such alias). If the alias has
+        moved since, nothing moves and the decision is recorded as `aborted`: its figures
+        compared the candidate with a version the alias no longer names."""
+        name, alias = check_name(decision.name), check_alias(decision.alias)
+        if target is not None:
+            target = parse_weights(target)
+        expect_n = [(int(v), int(w)) for v, w in expect] if expect is not None else None
+        with sql.write_tx(self.engine) as conn:
+            if target is not None:  # an alias move: servers must see it
+                sql.bump_revision(conn)
+            arow = conn.execute(select(A.c.weights).where(A.c.name == name,
+                                                          A.c.alias == alias)).first()
+            before = [(int(v), int(w)) for v, w in arow.weights] if arow is not None else None
+            outcome, note, after = decision.outcome, decision.note, before
+            if target is not None and before != expect_n:
+                outcome = "aborted"
+                note = (f"{name}:{alias} moved during the evaluation (was "
+                        f"{weights_text(expect_n)}, now {weights_text(before)}): nothing moved; "
+                        "promote again to evaluate against its current version")
+            elif target is not None:
+                after = self._set_alias_tx(conn, name, alias, target).weights
+            elif outcome in ("promoted", "canary"):
+                raise BadRequest("a decision that moves the alias needs a target", param="target")
+            now = sql.utcnow()
+            rec = decision.model_copy(update={"id": None, "created_at": now, "before": before,
+                                              "after": after, "outcome": outcome, "note": note})
+            row_id = conn.execute(insert(P).values(
+                name=name, alias=alias, candidate=rec.candidate, outcome=outcome,
+                actor=rec.actor[:128], created_at=now, record=rec.model_dump_json(),
+            ).returning(P.c.id)).scalar_one()
+        return rec.model_copy(update={"id": row_id})
+
+    def promotions(self, name: str | None = None, limit: int | None = None
+                   ) -> list[PromotionDecision]:
+        """Promotion decisions, newest first (of `name`, or of every adapter)."""
+        q = select(P).order_by(P.c.id.desc())
+        if name is not None:
+            q = q.where(P.c.name == check_name(name))
+        if limit is not None:
+            q = q.limit(limit)
+        with sql.connect(self.engine) as conn:
+            return [sql.to_promotion(r) for r in conn.execute(q)]
 
     # -- files --------------------------------------------------------------------------------
 

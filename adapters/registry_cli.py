@@ -12,13 +12,21 @@
 
 Every verb prints a readable table, or JSON with `--json`. Settings come from LORAPLEX_* env
 vars (see RegistrySettings); `--registry-url` / `--artifacts-url` override them.
+
+More verbs come from the `loraplex.adapters.verbs` entry-point group: each entry is a function
+`add(verbs, common)` that adds a parser to `verbs` (with `common`, the --json/--registry-url/
+--artifacts-url parent, among its parents) and sets `func`; it opens the registry with
+`open_registry(args)`. `promote` is one (loraplex.trainer.evals.promote): it needs an HTTP
+client and the evaluation code, which this package does not hold or name.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import datetime
+from importlib.metadata import entry_points
 from typing import Any
 
 from loraplex.adapters.adapter_format import TOOL_FORMATS
@@ -94,15 +102,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v = bverbs.add_parser("list", parents=[common], help="list base models")
     v.set_defaults(func=cmd_base_list)
 
+    add_extra_verbs(verbs, common)
+
+
+VERBS_GROUP = "loraplex.adapters.verbs"
+
+
+def add_extra_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Verbs other packages add (the `loraplex.adapters.verbs` entry-point group)."""
+    for ep in sorted(entry_points(group=VERBS_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()(verbs, common)
+        except Exception as exc:  # one broken verb must not take the others down
+            print(f"loraplex: warning: adapters verb {ep.name!r} unavailable: {exc}",
+                  file=sys.stderr)
+
 
 # -- helpers -------------------------------------------------------------------------------------
 
-def _open(args: argparse.Namespace):
+def open_registry(args: argparse.Namespace):
+    """The registry the `common` options (over LORAPLEX_* variables) name."""
     from loraplex.adapters.registry import Registry
     from loraplex.adapters.settings import RegistrySettings
 
     s = RegistrySettings()
-    update = {k: getattr(args, k) for k in ("registry_url", "artifacts_url") if getattr(args, k)}
+    update = {k: getattr(args, k) for k in ("registry_url", "artifacts_url")
+              if getattr(args, k, None)}
     return Registry.open(s.model_copy(update=update))
 
 
@@ -154,7 +179,7 @@ def _parse_tags(items: list[str]) -> dict[str, str]:
 
 def cmd_push(args: argparse.Namespace) -> int:
     tags = _parse_tags(args.tag)
-    with _open(args) as reg:
+    with open_registry(args) as reg:
         res = reg.push(args.dir, args.name, alias=args.alias, base=args.base,
                        chat_template=args.chat_template, description=args.description, tags=tags,
                        tool_format=args.tool_format)
@@ -168,7 +193,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    with _open(args) as reg:
+    with open_registry(args) as reg:
         versions = reg.list(args.name, include_archived=args.all)
         aliases = reg.aliases(args.name)
     if args.json:
@@ -192,14 +217,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+SHOW_PROMOTIONS = 10  # decisions `show` prints (the newest); --json has them all
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    with _open(args) as reg:
+    with open_registry(args) as reg:
         v = reg.show(args.ref)
         aliases = [a for a in reg.aliases(v.name) if any(n == v.version for n, _ in a.weights)]
+        decisions = reg.promotions(v.name)
     if args.json:
         _print_json({**v.model_dump(mode="json"), "aliases": [a.alias for a in aliases],
-                     "lora_int_id": v.lora_int_id})
+                     "lora_int_id": v.lora_int_id,
+                     "promotions": [d.model_dump(mode="json") for d in decisions]})
         return 0
+    metrics = {k: val for k, val in v.metrics.items() if k != "evals"}
+    evals = v.metrics.get("evals") or {}
     fields = [
         ("ref", v.ref), ("state", v.state), ("aliases", ", ".join(a.alias for a in aliases)),
         ("base", f"{v.base_name} ({v.base_fingerprint})"), ("peft_type", v.peft_type),
@@ -209,16 +241,51 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("created_at", v.created_at.isoformat()), ("description", v.description),
         ("tags", ", ".join(f"{k}={val}" for k, val in sorted(v.tags.items()))),
         ("training", json.dumps(v.training) if v.training else ""),
-        ("metrics", json.dumps(v.metrics) if v.metrics else ""), ("lora_int_id", v.lora_int_id),
+        ("metrics", json.dumps(metrics) if metrics else ""), ("lora_int_id", v.lora_int_id),
     ]
     print(_table(["FIELD", "VALUE"], [list(f) for f in fields]))
     print()
     print(_table(["FILE", "SHA256"], [[k, sha] for k, sha in sorted(v.files.items())]))
+    if evals:
+        print()
+        print(_table(["EVAL SET", "FIGURES", "SET SHA256", "WHEN", "SERVED AS"],
+                    [_eval_row(k, e) for k, e in sorted(evals.items())]))
+    if decisions:
+        print()
+        print(f"promotions of {v.name} (newest first):")
+        print(_table(["WHEN", "ALIAS", "CANDIDATE", "BASELINE", "OUTCOME", "ALIAS BEFORE -> AFTER",
+                     "ACTOR", "FAILED RULES"],
+                    [_decision_row(d) for d in decisions[:SHOW_PROMOTIONS]]))
+        if len(decisions) > SHOW_PROMOTIONS:
+            print(f"  ... {len(decisions) - SHOW_PROMOTIONS} older (--json shows all)")
     return 0
 
 
+def _figure(x: Any) -> str:
+    return f"{x:.3f}".rstrip("0").rstrip(".") if isinstance(x, float) else str(x)
+
+
+def _eval_row(name: str, e: Any) -> list[Any]:
+    if not isinstance(e, dict):
+        return [name, json.dumps(e), "", "", ""]
+    figs = e.get("figures") or {}
+    shown = ", ".join(f"{k}={_figure(val)}" for k, val in figs.items()
+                      if not str(k).startswith("if_"))
+    return [name, shown, str(e.get("sha256", ""))[:12],
+            str(e.get("at", ""))[:16].replace("T", " "), e.get("served_as", "")]
+
+
+def _decision_row(d: Any) -> list[Any]:
+    from loraplex.adapters.records import weights_text
+
+    failed = "; ".join(f"{r.metric} {r.rule} {r.detail}".strip() for r in d.failed_rules)
+    return [_when(d.created_at), d.alias, d.candidate, d.baseline or "-", d.outcome,
+            f"{weights_text(d.before)} -> {weights_text(d.after)}", d.actor,
+            failed or ("" if d.moved else d.note)]
+
+
 def cmd_alias_set(args: argparse.Namespace) -> int:
-    with _open(args) as reg:
+    with open_registry(args) as reg:
         a = reg.set_alias(args.name, args.alias, args.target)
     if args.json:
         _print_json(a.model_dump(mode="json"))
@@ -228,7 +295,7 @@ def cmd_alias_set(args: argparse.Namespace) -> int:
 
 
 def cmd_alias_rm(args: argparse.Namespace) -> int:
-    with _open(args) as reg:
+    with open_registry(args) as reg:
         reg.remove_alias(args.name, args.alias)
     if args.json:
         _print_json({"name": args.name, "alias": args.alias, "removed": True})
@@ -238,7 +305,7 @@ def cmd_alias_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_alias_list(args: argparse.Namespace) -> int:
-    with _open(args) as reg:
+    with open_registry(args) as reg:
         aliases = reg.aliases(args.name)
     if args.json:
         _print_json([a.model_dump(mode="json") for a in aliases])
@@ -249,7 +316,7 @@ def cmd_alias_list(args: argparse.Namespace) -> int:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    with _open(args) as reg:
+    with open_registry(args) as reg:
         v = reg.archive(args.ref)
     if args.json:
         _print_json(v.model_dump(mode="json"))
@@ -259,7 +326,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    with _open(args) as reg:
+    with open_registry(args) as reg:
         v = reg.pull(args.ref, args.dest)
     if args.json:
         _print_json({"ref": v.ref, "dest": args.dest, "files": v.files})
@@ -272,7 +339,7 @@ def cmd_base_add(args: argparse.Namespace) -> int:
     from loraplex.adapters.models import resolve_model
 
     model = resolve_model(args.dir)  # a hub id: the snapshot's files are fingerprinted
-    with _open(args) as reg:
+    with open_registry(args) as reg:
         b = reg.register_base(args.name, model)
     if args.json:
         _print_json(b.model_dump(mode="json"))
@@ -283,7 +350,7 @@ def cmd_base_add(args: argparse.Namespace) -> int:
 
 
 def cmd_base_list(args: argparse.Namespace) -> int:
-    with _open(args) as reg:
+    with open_registry(args) as reg:
         bases = reg.list_bases()
     if args.json:
         _print_json([b.model_dump(mode="json") for b in bases])

@@ -47,7 +47,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from loraplex.adapters.errors import ConfigError, StoreUnavailable
-from loraplex.adapters.records import AdapterVersion, Alias, BaseModelRecord
+from loraplex.adapters.records import AdapterVersion, Alias, BaseModelRecord, PromotionDecision
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 VERSION_TABLE = "loraplex_alembic_version"
@@ -110,11 +110,31 @@ class AliasRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
 
+class PromotionRow(Base):
+    """One promotion decision (`loraplex adapters promote`), kept forever. The columns are what
+    queries filter on; `record` holds the whole `PromotionDecision` as JSON."""
+
+    __tablename__ = "loraplex_promotions"
+    __table_args__ = (
+        Index("ix_loraplex_promotions_name", "name", "id"),
+        {"sqlite_autoincrement": True},
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    alias: Mapped[str] = mapped_column(String(64), nullable=False)
+    candidate: Mapped[int] = mapped_column(Integer, nullable=False)
+    outcome: Mapped[str] = mapped_column(String(16), nullable=False)
+    actor: Mapped[str] = mapped_column(String(128), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    record: Mapped[str] = mapped_column(Text, nullable=False)
+
+
 metadata = Base.metadata
 versions_t = VersionRow.__table__
 aliases_t = AliasRow.__table__
 bases_t = BaseRow.__table__
 meta_t = MetaRow.__table__
+promotions_t = PromotionRow.__table__
 
 
 # -- engine ------------------------------------------------------------------------------------
@@ -290,16 +310,20 @@ def _aware(dt: datetime) -> datetime:
 
 
 class VersionCache:
-    """Parsed versions by (id, state). Versions are immutable apart from their state, so a
-    cached parse stays valid; list() and snapshot() then cost one query and no JSON parsing."""
+    """Parsed versions by row id, each valid while the row's stored record is the one it was
+    parsed from. A version's files never change, but its state (archive) and its metrics
+    (`Registry.record_eval`, from any process) can; comparing the record text costs a memcmp,
+    so list() and snapshot() still cost one query and no JSON parsing."""
 
     def __init__(self) -> None:
-        self._by_id: dict[int, AdapterVersion] = {}
+        self._by_id: dict[int, tuple[str, AdapterVersion]] = {}
 
     def get(self, row: Any) -> AdapterVersion:
-        v = self._by_id.get(row.id)
-        if v is None or v.state != row.state:
-            v = self._by_id[row.id] = AdapterVersion.model_validate_json(row.record)
+        hit = self._by_id.get(row.id)
+        if hit is not None and hit[0] == row.record:
+            return hit[1]
+        v = AdapterVersion.model_validate_json(row.record)
+        self._by_id[row.id] = (row.record, v)
         return v
 
     def get_all(self, rows: Iterable[Any]) -> list[AdapterVersion]:
@@ -325,6 +349,11 @@ def version_columns(v: AdapterVersion) -> dict[str, Any]:
 def to_alias(row: Any) -> Alias:
     return Alias(name=row.name, alias=row.alias, updated_at=_aware(row.updated_at),
                  weights=[(int(v), int(w)) for v, w in row.weights])
+
+
+def to_promotion(row: Any) -> PromotionDecision:
+    rec = PromotionDecision.model_validate_json(row.record)
+    return rec.model_copy(update={"id": row.id, "created_at": _aware(row.created_at)})
 
 
 def to_base(row: Any) -> BaseModelRecord:
