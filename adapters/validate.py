@@ -207,7 +207,9 @@ def _check_config(cfg: dict[str, Any], base: BaseModelRecord, max_rank: int,
                         f"{base.name!r} (modules: {known})", "target modules the base has")
     elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
         for t in targets:
-            hit = {s for s in names if s == t or s.endswith("." + t)}
+            # "q_proj", "self_attn.q_proj", or a full path ("model.layers.0.self_attn.q_proj":
+            # what PEFT writes for `all-linear` on a base with few layers)
+            hit = {s for s in names if s == t or s.endswith("." + t) or t.endswith("." + s)}
             if not hit:
                 p.unfit(f, "target_modules", f"{t!r} is not a linear module of base "
                         f"{base.name!r} (modules: {known})",

@@ -154,6 +154,10 @@ def test_failure_after_upload_leaves_nothing(backend: str, make_registry: Callab
     "all-linear",
     r"model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)|.*mlp\.(gate|up|down)_proj",
     ["self_attn.q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    # what PEFT saves for `all-linear` on a base with few layers: full module paths
+    [f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                     "mlp.down_proj")],
 ])
 def test_target_module_forms(targets: object, local_registry: Registry,
                              adapter_copy: Callable[..., Path]) -> None:
