@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
 
 from loraplex.adapters.errors import LoraplexError
@@ -31,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
@@ -42,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return int(rc or 0)
+
+
+def run_one(register: Callable[[argparse._SubParsersAction], None],
+            argv: list[str] | None = None) -> int:
+    """Run one command's parser alone (`python -m loraplex.trainer.evals.cli eval ...`), with
+    the errors and exit codes of `loraplex` itself."""
+    parser = argparse.ArgumentParser(prog="loraplex")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    return main(argv, parser)
 
 
 if __name__ == "__main__":

@@ -93,18 +93,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`loraplex eval ...` alone (the `loraplex` command finds it through its entry point)."""
-    from loraplex.adapters.errors import LoraplexError
+    from loraplex.adapters.cli import run_one
 
-    parser = argparse.ArgumentParser(prog="loraplex")
-    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except LoraplexError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_one(register, argv)
 
 
 if __name__ == "__main__":
