@@ -115,6 +115,11 @@ class TrainConfig(BaseModel):
         "NF4, double quantization, bf16/fp16 compute; 8bit: LLM.int8) and train the LoRA on "
         "it; needs cuda and the bitsandbytes package. The adapter is a normal LoRA, served on "
         "the unquantized base")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="engine when launched by torchrun / accelerate launch: ddp (every "
+        "GPU holds the whole base) or fsdp (FSDP2: the base, LoRA and optimizer state sharded "
+        "over the GPUs, for a base that does not fit one; also --fsdp, or an accelerate FSDP "
+        "config); no effect in a single process")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="attention kernel of the base; flash_attention_2 needs cuda, the "
         "flash-attn package and bf16/fp16")
@@ -157,6 +162,10 @@ class TrainConfig(BaseModel):
         if self.tool_format is not None and self.tool_format not in TOOL_FORMATS:
             raise ValueError(f"tool_format: {self.tool_format!r} is not one of "
                              f"{', '.join(TOOL_FORMATS)}")
+        if self.distributed == "fsdp" and self.quantize != "none":
+            raise ValueError(f"quantize: --quantize {self.quantize} cannot be combined with "
+                             "--fsdp (sharding a bitsandbytes-quantized base is not supported); "
+                             "use --quantize none with --fsdp, or QLoRA with DDP")
         if (self.device not in ("auto", "cpu") or self.precision not in ("auto", "fp32")
                 or self.attn_implementation == "flash_attention_2" or self.quantize != "none"):
             resolve_runtime(self)  # an explicit choice this machine cannot honour fails here
@@ -195,7 +204,8 @@ class TrainConfig(BaseModel):
                 "inspect", "run_dir",
                 "keep_checkpoints", "resume", "progress_bar", "register_name", "alias",
                 "registry_base", "description",
-                "registry_url", "artifacts_url", "log_steps"}
+                "registry_url", "artifacts_url", "log_steps",
+                "distributed"}  # the trainer records the engine it launched, if any
         hp = self.model_dump(mode="json", exclude=skip)
         hp.update(resolve_runtime(self).as_dict())  # what "auto" became on this machine
         return hp

@@ -29,8 +29,9 @@ def quantization_config(rt: Runtime) -> Any:
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
 
 
-def load_model(base: Path, cfg: TrainConfig) -> Any:
-    """The base with a fresh LoRA (seeded) from PEFT, on the resolved device.
+def load_model(base: Path, cfg: TrainConfig, place: bool = True) -> Any:
+    """The base with a fresh LoRA (seeded) from PEFT, on the resolved device (`place`), or left
+    on the CPU for FSDP2 to shard onto the device (a base that does not fit one GPU).
 
     The base is float32 on cpu and in the compute precision (bf16/fp16) on a GPU, where it is
     frozen and its memory matters; the LoRA weights are float32 everywhere (the optimizer updates
@@ -76,4 +77,4 @@ def load_model(base: Path, cfg: TrainConfig) -> Any:
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    return model if quant is not None else model.to(rt.device)
+    return model if quant is not None or not place else model.to(rt.device)

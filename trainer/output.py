@@ -146,11 +146,14 @@ def _versions() -> dict[str, str]:
 def write_adapter(cfg: TrainConfig, model: Any, *, base: Path, template: str, stops: list[str],
                   data: DataReport, metrics: dict[str, Any], state: LoopState,
                   run_dir: Path, hyperparameters: dict[str, Any] | None = None,
-                  log: Callable[[str], None] | None = None) -> Path:
+                  log: Callable[[str], None] | None = None,
+                  weights: dict[str, Any] | None = None) -> Path:
     """Write the adapter directory (see module doc) atomically, verified; returns its path.
 
     `hyperparameters` (default: the config's) is what the manifest records: the trainer adds the
-    number of processes and the effective batch."""
+    number of processes and the effective batch. `weights`: the trained parameters, whole (by
+    parameter name), when the model holds shards of them (FSDP2); they are what is saved and
+    what the saved file is verified against."""
     import yaml
 
     from loraplex.adapters.fingerprint import fingerprint_base
@@ -175,12 +178,14 @@ def write_adapter(cfg: TrainConfig, model: Any, *, base: Path, template: str, st
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     with staging(out, cfg.overwrite) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        # PEFT picks the adapter's tensors out of `state_dict` (None: the model's own).
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
         (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
         (tmp / MANIFEST).write_text(
             LoraplexManifest(**manifest).model_dump_json(indent=2, exclude_none=True) + "\n")
         servable = not (cfg.use_dora or cfg.modules_to_save)  # --allow-unservable
-        verified = verify_adapter(tmp, model, base, servable=servable, shown_as=str(out))
+        verified = verify_adapter(tmp, model, base, servable=servable, shown_as=str(out),
+                                  weights=weights)
         if log is not None:
             log(f"verified the adapter: {verified['tensors']} LoRA tensors of "
                 f"{verified['modules']} modules equal to the trained weights, loaded back by "
@@ -212,8 +217,13 @@ def _saved_name(param: str, adapter: str) -> str:
 
 
 def verify_adapter(d: Path, model: Any, base: Path, *, servable: bool = True,
-                   shown_as: str | None = None) -> dict[str, Any]:
+                   shown_as: str | None = None,
+                   weights: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read the adapter just written to `d` back, against the PEFT `model` that wrote it.
+
+    `weights` (parameter name -> whole tensor) are the trained values when the model holds only
+    shards of them (FSDP2); PEFT then loads `d` onto a hollow copy of the base (its structure,
+    no weight memory) instead of the sharded model.
 
     Every trained LoRA tensor must be in the weights file, non-empty, finite, of the trained shape
     and equal to the trained values, and not every lora_B zero (an adapter that changes nothing);
@@ -229,8 +239,10 @@ def verify_adapter(d: Path, model: Any, base: Path, *, servable: bool = True,
     from loraplex.adapters.validate import WEIGHTS_FILE, validate_adapter_dir
 
     name = shown_as or str(d)
+    if weights is None:
+        weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
     trained = {_saved_name(n, model.active_adapter): p.detach().float().cpu()
-               for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n}
+               for n, p in weights.items() if ".lora_" in n}
     try:
         saved = {k: v for k, v in load_file(str(d / WEIGHTS_FILE)).items() if ".lora_" in k}
     except Exception as exc:  # noqa: BLE001 - missing, truncated, not safetensors: all one answer
@@ -259,7 +271,8 @@ def verify_adapter(d: Path, model: Any, base: Path, *, servable: bool = True,
         elif not torch.equal(got.float(), want):
             problems.append(f"{k}: differs from the trained weight (max abs difference "
                             f"{float((got.float() - want).abs().max()):.3g})")
-    problems += _peft_load_problems(d, model, trained)
+    problems += (_peft_load_problems(d, model, trained) if weights is None or not _sharded(model)
+                 else _peft_hollow_load_problems(d, model, trained))
     summary = None
     if servable:
         try:  # the limits are the registry's business at push time; here: structure and shapes
@@ -293,6 +306,41 @@ def _peft_load_problems(d: Path, model: Any, trained: dict[str, Any]) -> list[st
         if VERIFY_ADAPTER in model.peft_config:
             model.delete_adapter(VERIFY_ADAPTER)
         model.train(was_training)
+    wrong = [k for k, v in trained.items() if k not in loaded or not torch.equal(loaded[k], v)]
+    if not wrong:
+        return []
+    return [f"PEFT loads {len(wrong)} of {len(trained)} LoRA weights with values other than the "
+            f"trained ones (first: {wrong[0]})"]
+
+
+def _sharded(model: Any) -> bool:
+    """FSDP2 has sharded `model` (its parameters are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _peft_hollow_load_problems(d: Path, model: Any, trained: dict[str, Any]) -> list[str]:
+    """As `_peft_load_problems`, for a sharded model (whose modules PEFT cannot load into on one
+    rank): PEFT loads `d` onto a copy of the base built from its config on the meta device, each
+    weight then a zero-stride CPU view of one element (the right device, dtype and shape for PEFT
+    to attach the LoRA layers to, and no memory for the base)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            hollow = AutoModelForCausalLM.from_config(model.get_base_model().config)
+        for module in hollow.modules():
+            for n, p in list(module.named_parameters(recurse=False)):
+                setattr(module, n, torch.nn.Parameter(
+                    torch.empty((), dtype=p.dtype).expand(p.shape), requires_grad=False))
+        loaded_model = PeftModel.from_pretrained(hollow, str(d), adapter_name=VERIFY_ADAPTER)
+        loaded = {_saved_name(n, VERIFY_ADAPTER): p.detach().float().cpu()
+                  for n, p in loaded_model.named_parameters() if f".{VERIFY_ADAPTER}." in n}
+    except Exception as exc:  # noqa: BLE001 - whatever PEFT raises is the finding
+        return [f"PEFT cannot load it: {type(exc).__name__}: {str(exc)[:300]}"]
     wrong = [k for k, v in trained.items() if k not in loaded or not torch.equal(loaded[k], v)]
     if not wrong:
         return []

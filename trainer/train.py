@@ -13,10 +13,11 @@ Loss: cross-entropy summed over labelled tokens and divided by the labelled toke
 optimizer step (not averaged per micro-batch), so accumulation and batch composition do not change
 what a token weighs.
 
-Several processes (`torchrun`, `accelerate launch`; see trainer/distributed.py): DDP, each rank
-training on its share of every global batch of per-device batch x processes rows, with the loss
-divided by the labelled tokens of all ranks, so the step is the one a single process would take on
-the whole batch. Rank 0 alone logs and writes (progress, checkpoints, the adapter, the registry).
+Several processes (`torchrun`, `accelerate launch`; see trainer/distributed.py): DDP or FSDP2
+(--fsdp), each rank training on its share of every global batch of per-device batch x processes
+rows, with the loss divided by the labelled tokens of all ranks, so the step is the one a single
+process would take on the whole batch. Rank 0 alone logs and writes (progress, checkpoints, the
+adapter, the registry); under FSDP2 what it writes is first gathered by every rank together.
 """
 
 from __future__ import annotations
@@ -161,8 +162,10 @@ class LoraTrainer:
         self.callbacks = callbacks or []
         self.dist = dist or Dist()
         # The forward of training goes through DDP (its backward all-reduces the gradients); eval,
-        # weights and saving use the PEFT model itself.
-        self.net = self.dist.wrap(model)
+        # weights and saving use the PEFT model itself. FSDP2 shards the model in place: the net
+        # is the model, and everything that reads or writes its weights is collective.
+        self.runtime = resolve_runtime(cfg)
+        self.net = self.dist.wrap(model, self.runtime.device)
         # A batch is global: per-device rows x processes, split among the ranks at each step.
         self.global_batch = cfg.batch_size * self.dist.world
         self.lengths = [len(ex.input_ids) for ex in train]
@@ -171,13 +174,20 @@ class LoraTrainer:
         total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
         self.state = LoopState(total_steps=total)
         self.best_weights: dict[str, Any] | None = None
-        self.runtime = resolve_runtime(cfg)
         self.device = next(model.parameters()).device
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             self.runtime.precision)
         # fp16 gradients of small losses underflow: scale the loss, unscale before clipping.
-        self.scaler = (torch.amp.GradScaler(self.device.type)
-                       if self.runtime.precision == "fp16" else None)
+        # Under FSDP2 each rank sees a shard of the gradients: ShardedGradScaler agrees on an
+        # overflow across ranks, so all skip the same steps.
+        self.scaler: Any = None
+        if self.runtime.precision == "fp16":
+            if self.dist.sharded:
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                self.scaler = ShardedGradScaler(self.device.type)
+            else:
+                self.scaler = torch.amp.GradScaler(self.device.type)
         self.start_step = 0
         self.progress = ProgressLog(run_dir / "progress.jsonl", cfg.log_steps, cfg.progress_bar,
                                     enabled=self.dist.is_main)
@@ -191,12 +201,13 @@ class LoraTrainer:
     def trainable(self) -> dict[str, Any]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def load_trainable(self, weights: dict[str, Any]) -> None:
-        import torch
+    def trainable_state(self) -> dict[str, Any]:
+        """The trained weights, whole, as CPU copies (under FSDP2 gathered: every rank calls it)."""
+        return self.dist.full_state(self.model)
 
-        with torch.no_grad():
-            for n, p in self.trainable().items():
-                p.copy_(weights[n])
+    def load_trainable(self, weights: dict[str, Any]) -> None:
+        """Set the trained weights from whole tensors (under FSDP2: every rank calls it)."""
+        self.dist.load_full_state(self.model, weights)
 
     def epoch_fraction(self) -> float:
         return self.state.batch_pos / max(1, self.batches_per_epoch)
@@ -239,6 +250,9 @@ class LoraTrainer:
                 if exs:
                     loss, k = self._loss_sum(collate(exs, self.pad_id, self.cfg.packing))
                     total, n = total + float(loss), n + k
+                elif self.dist.sharded:  # every FSDP2 rank takes part in each forward: a row
+                    self._loss_sum(collate([self.eval_set[order[s]]], self.pad_id,
+                                           self.cfg.packing))  # at weight 0
         total, n = self.dist.sum([total, n], self.device)
         self.model.train()
         return total / max(n, 1)
@@ -251,7 +265,8 @@ class LoraTrainer:
         cfg, dist = self.cfg, self.dist
         t0 = time.perf_counter()
         # This rank's rows of each micro-batch. A rank left with none (a short last batch) runs one
-        # row at weight 0: it must still take part in DDP's all-reduce of the gradients.
+        # row at weight 0: it must still take part in DDP's all-reduce of the gradients (FSDP2's
+        # all-gathers and reduce-scatter).
         shares = [dist.shard(b) for b in micro]
         weights = [1.0 if rows else 0.0 for rows in shares]
         batches = [collate([self.train_set[i] for i in (rows or b[:1])], self.pad_id, cfg.packing)
@@ -260,9 +275,9 @@ class LoraTrainer:
                        if w)
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
                      else b["input_ids"].numel() for b, w in zip(batches, weights) if w)
-        # Every rank divides by the labelled tokens of the whole step (all ranks), and DDP averages
-        # the gradients over ranks, so each scales by the world size: the result is the gradient
-        # of one process's loss over the whole step.
+        # Every rank divides by the labelled tokens of the whole step (all ranks), and DDP (FSDP2's
+        # reduce-scatter alike) averages the gradients over ranks, so each scales by the world
+        # size: the result is the gradient of one process's loss over the whole step.
         n_labels, tokens = dist.sum([n_labels, tokens], self.device)
         loss_total = 0.0
         for k, (b, w) in enumerate(zip(batches, weights)):
@@ -274,6 +289,8 @@ class LoraTrainer:
         (loss_total,) = dist.sum([loss_total], self.device)
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
+        # Under FSDP2 the gradients are DTensor shards: clip_grad_norm_ computes the norm of the
+        # whole gradient (a reduction over the ranks) and every rank scales its shard by it.
         torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], cfg.max_grad_norm)
         lr = self.opt.param_groups[0]["lr"]
         if self.scaler is not None:
@@ -295,7 +312,7 @@ class LoraTrainer:
         if cfg.early_stopping_patience:
             if s.best_eval is None or loss < s.best_eval - cfg.early_stopping_min_delta:
                 s.best_eval, s.best_step, s.evals_without_improvement = loss, s.step, 0
-                self.best_weights = {k: v.detach().clone() for k, v in self.trainable().items()}
+                self.best_weights = self.trainable_state()
             else:
                 s.evals_without_improvement += 1
                 if s.evals_without_improvement >= cfg.early_stopping_patience:
@@ -367,12 +384,16 @@ class LoraTrainer:
         return rng
 
     def save_checkpoint(self) -> Path:
-        """Rank 0 writes the checkpoint (the weights and optimizer are the same on every rank),
-        with every rank's RNG state: each rank draws its own dropout masks."""
+        """Rank 0 writes the checkpoint (the weights and optimizer are the same on every rank;
+        under FSDP2 every rank first gathers them whole, so the files are those of DDP), with
+        every rank's RNG state: each rank draws its own dropout masks."""
         rngs = self.dist.gather(self._rng_state())
-        return self.dist.on_main(lambda: self._write_checkpoint(rngs))
+        weights = self.trainable_state()
+        optim = self.dist.optimizer_state(self.model, self.opt)
+        return self.dist.on_main(lambda: self._write_checkpoint(rngs, weights, optim))
 
-    def _write_checkpoint(self, rngs: list[dict[str, Any]]) -> Path:
+    def _write_checkpoint(self, rngs: list[dict[str, Any]], weights: dict[str, Any],
+                          optimizer: dict[str, Any]) -> Path:
         import torch
         from safetensors.torch import save_file
 
@@ -381,12 +402,12 @@ class LoraTrainer:
         tmp = root / f".step-{self.state.step:07d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous() for k, v in self.trainable().items()},
+        save_file({k: v.contiguous() for k, v in weights.items()},
                   str(tmp / "trainable.safetensors"))
         if self.best_weights is not None:
             save_file({k: v.contiguous() for k, v in self.best_weights.items()},
                       str(tmp / "best.safetensors"))
-        optim = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+        optim = {"optimizer": optimizer, "scheduler": self.sched.state_dict(),
                  **rngs[0]}
         if self.dist.launched:
             optim["rank_rng"] = rngs
@@ -429,7 +450,7 @@ class LoraTrainer:
         if (path / "best.safetensors").is_file():
             self.best_weights = load_file(str(path / "best.safetensors"))
         optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
-        self.opt.load_state_dict(optim["optimizer"])
+        self.dist.load_optimizer_state(self.model, self.opt, optim["optimizer"])
         self.sched.load_state_dict(optim["scheduler"])
         rng = optim["rank_rng"][self.dist.rank] if "rank_rng" in optim else optim
         torch.set_rng_state(rng["torch_rng"])
@@ -467,7 +488,7 @@ def run(cfg: TrainConfig, *, callbacks: list[Callback] | None = None,
     Under `torchrun` / `accelerate launch` every process runs this; rank 0 alone logs and writes,
     the others wait for it and return the same report.
     """
-    dist = distributed.init(resolve_runtime(cfg).device)
+    dist = distributed.init(resolve_runtime(cfg).device, cfg.distributed, cfg.quantize)
     try:
         return _run(cfg, dist, list(callbacks or []), log if dist.is_main else _quiet)
     finally:
@@ -518,6 +539,8 @@ def _run(cfg: TrainConfig, dist: Dist, callbacks: list[Callback],
     effective_batch = cfg.batch_size * dist.world * cfg.grad_accum
     hyperparameters = cfg.hyperparameters() | {"processes": dist.world,
                                                "effective_batch_size": effective_batch}
+    if dist.launched:
+        hyperparameters["distributed"] = dist.engine
     meta = {"hyperparameters": hyperparameters, "data_sha256": data.report.data_sha256,
             "base_fingerprint": fingerprint_base(base)}
     run_dir = cfg.work_dir
@@ -527,7 +550,11 @@ def _run(cfg: TrainConfig, dist: Dist, callbacks: list[Callback],
                    f"checkpoint {resume_from} is not visible on this node; with several nodes, "
                    "--run-dir must be on storage that every node mounts")
 
-    model = load_model(base, cfg)
+    if dist.engine == "fsdp" and not dist.launched:
+        log("note: --fsdp has no effect without a launcher (torchrun --nproc-per-node N ..., or "
+            "accelerate launch): this is one process holding the whole model")
+    # FSDP2 shards the base from the CPU onto each rank's device (LoraTrainer, dist.wrap).
+    model = load_model(base, cfg, place=not dist.sharded)
     if dist.rank:
         # The LoRA init above is the same on every rank (seeded; DDP also broadcasts rank 0's);
         # from here each rank draws its own dropout masks, as one process does for distinct rows.
@@ -543,18 +570,40 @@ def _run(cfg: TrainConfig, dist: Dist, callbacks: list[Callback],
         f"{effective_batch} = {cfg.batch_size} per device x {dist.world} process(es) x "
         f"{cfg.grad_accum} accumulation step(s), LoRA r={cfg.lora_r} on "
         f"{', '.join(cfg.target_modules)}, template {template_label(template)}; "
-        f"{trainer.runtime.describe()}" + (f", DDP over {dist.backend}" if dist.launched else ""))
-    note = distributed.accelerate_precision_note(trainer.runtime.precision)
-    if note:
-        log(note)
+        f"{trainer.runtime.describe()}" + (f", {'FSDP2' if dist.sharded else 'DDP'} over "
+                                           f"{dist.backend}" if dist.launched else ""))
+    for note in (distributed.accelerate_precision_note(trainer.runtime.precision),
+                 distributed.accelerate_fsdp_note() if dist.sharded else None):
+        if note:
+            log(note)
     state = trainer.fit()
     tokens_per_s = state.tokens / max(state.train_time_s, 1e-9)
     log(f"trained {state.step} steps in {state.train_time_s:.1f}s ({tokens_per_s:.0f} tokens/s)"
         + (f"; stopped early, best eval loss {state.best_eval:.4f} at step {state.best_step}"
            if state.stopped_early else ""))
 
+    def measure_exact_match() -> dict[str, Any]:
+        """Greedy exact match of the adapter and the base on held-out rows (under FSDP2 every
+        rank generates for its share of them; otherwise rank 0 alone)."""
+        subset = data.eval[:cfg.eval_exact_match]
+        adapted = exact_match(model, tokenizer, template, subset, cfg.max_new_tokens, dist=dist)
+        with model.disable_adapter():
+            base_em = exact_match(model, tokenizer, template, subset, cfg.max_new_tokens,
+                                  dist=dist)
+        log(f"held-out exact match ({adapted['n']} examples): base "
+            f"{base_em['exact_match']:.3f} -> adapter {adapted['exact_match']:.3f}")
+        return {"base": base_em["exact_match"], "adapter": adapted["exact_match"],
+                "n": adapted["n"], "samples": adapted["samples"]}
+
+    # Under FSDP2 the model is sharded: every rank takes part in the exact match and in gathering
+    # the trained weights for the adapter, before rank 0 alone writes it.
+    sharded_em = (measure_exact_match() if dist.sharded and data.eval and cfg.eval_exact_match
+                  else None)
+    full_weights = trainer.trainable_state() if dist.sharded else None
+
     def finish() -> dict[str, Any]:
-        """Rank 0 alone: exact match, the adapter (written, then verified), the registry."""
+        """Rank 0 alone: exact match (unless sharded), the adapter (written, then verified), the
+        registry."""
         metrics: dict[str, Any] = {
             "steps": state.step, "epochs": round(state.epoch + trainer.epoch_fraction(), 4),
             "train_loss": state.train_loss[-1][1] if state.train_loss else None,
@@ -564,15 +613,7 @@ def _run(cfg: TrainConfig, dist: Dist, callbacks: list[Callback],
             "tokens_per_s": round(tokens_per_s, 1), "train_time_s": round(state.train_time_s, 2),
         }
         if data.eval and cfg.eval_exact_match:
-            subset = data.eval[:cfg.eval_exact_match]
-            adapted = exact_match(model, tokenizer, template, subset, cfg.max_new_tokens)
-            with model.disable_adapter():
-                base_em = exact_match(model, tokenizer, template, subset, cfg.max_new_tokens)
-            metrics["exact_match"] = {"base": base_em["exact_match"],
-                                      "adapter": adapted["exact_match"], "n": adapted["n"],
-                                      "samples": adapted["samples"]}
-            log(f"held-out exact match ({adapted['n']} examples): base "
-                f"{base_em['exact_match']:.3f} -> adapter {adapted['exact_match']:.3f}")
+            metrics["exact_match"] = sharded_em or measure_exact_match()
         metrics["wall_time_s"] = round(time.time() - t_start, 2)
         metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
         if trainer.runtime.quantize != "none":
@@ -588,7 +629,8 @@ def _run(cfg: TrainConfig, dist: Dist, callbacks: list[Callback],
 
         out = output.write_adapter(cfg, model, base=base, template=template, stops=stops,
                                    data=data.report, metrics=metrics, state=state,
-                                   run_dir=run_dir, hyperparameters=hyperparameters, log=log)
+                                   run_dir=run_dir, hyperparameters=hyperparameters, log=log,
+                                   weights=full_weights)
         log(f"adapter written to {out}")
         if not cfg.keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -15,6 +15,8 @@ EPILOG = """examples:
   loraplex train --base ./toy-model --data hf:owner/name --eval-data hf:owner/name --output out/c
                                   # a hub dataset from the local HF cache: train and test splits
   loraplex train --config run.yaml --register words --alias canary
+  torchrun --nproc-per-node 8 -m loraplex.adapters.cli train --config run.yaml --fsdp
+                                  # 8 GPUs, the base sharded over them (FSDP2)
 """
 
 
@@ -32,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "as YAML and exit")
     p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
     add_arguments(p)
+    p.add_argument("--fsdp", dest="distributed", action="store_const", const="fsdp",
+                   default=argparse.SUPPRESS, help="the same as --distributed fsdp: FSDP2 under "
+                   "torchrun / accelerate launch, for a base that does not fit one GPU")
     p.set_defaults(func=_train)
 
 

@@ -205,17 +205,19 @@ def test_verify_refuses_a_missing_an_empty_or_an_untrained_tensor(toy_model_dir,
             assert "registry validation:" in str(err.value)
 
 
-def test_fsdp_or_deepspeed_launch_is_refused_before_anything_runs(quick_cfg, monkeypatch):
+def test_deepspeed_launch_is_refused_before_anything_runs(quick_cfg, monkeypatch):
     from loraplex.adapters.errors import ConfigError
     from loraplex.trainer.distributed import FollowerExit
     from loraplex.trainer.train import run
 
     cfg = quick_cfg()
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for FSDP
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ConfigError, match="configured for FSDP, which loraplex train does not "
-                                          "support yet; launch DDP instead"):
+    with pytest.raises(ConfigError, match=r"configured for DeepSpeed, which loraplex train does "
+                                          r"not support \(and is not installed with it\); for a "
+                                          r"base that does not fit one GPU use FSDP2: `torchrun "
+                                          r"\.\.\. loraplex train --fsdp`"):
         run(cfg, log=lambda m: None)
     monkeypatch.setenv("RANK", "1")  # the other ranks leave quietly: rank 0 reports it
     with pytest.raises(FollowerExit) as left:
