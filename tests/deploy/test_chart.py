@@ -36,9 +36,17 @@ SECRET_ONLY = {"s3_secret", "api_keys", "admin_key", "keys_inline"}
 FIELDS = set(ServerSettings.model_fields)
 REGISTRY_FIELDS = set(RegistrySettings.model_fields)
 
-# The two custom resources the chart can render have no schema in kubernetes-validate; these
-# are the parts of their CRDs (monitoring.coreos.com/v1, keda.sh/v1alpha1) the chart uses,
-# strict like the built-in ones.
+# The custom resources the chart can render have no schema in kubernetes-validate; these are
+# the parts of their CRDs the chart uses, strict like the built-in ones.
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_HOSTNAME = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+              r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+_DURATION = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"  # a Gateway API duration (GEP-2257)
+_PORT = {"type": "object", "required": ["number"], "additionalProperties": False,
+         "properties": {"number": {"type": "integer", "minimum": 1, "maximum": 65535}}}
 _META = {"type": "object", "required": ["name"], "properties": {
     "name": {"type": "string"}, "labels": {"type": "object"}}, "additionalProperties": False}
 CRD_SCHEMAS = {
@@ -102,6 +110,77 @@ CRD_SCHEMAS = {
                             "restartPolicy": {"enum": ["Always", "OnFailure", "Never",
                                                        "ExitCode"]},
                             "template": {"type": "object", "required": ["spec"]}}}}}}}}},
+    # Gateway API Inference Extension, GA API (inference.networking.k8s.io/v1, from v1.0.0):
+    # the spec of api/v1/inferencepool_types.go. Stricter than the CRD where versions differ:
+    # one target port (v1.0's maxItems; later releases allow 8), endpointPickerRef required
+    # (optional only since v1.5, still required by most gateways) and its `port` required
+    # (the CRD's rule for kind Service, the default). v1alpha2's targetPortNumber/extensionRef
+    # and the pre-GA portNumber are rejected.
+    ("inference.networking.k8s.io/v1", "InferencePool"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {"apiVersion": {}, "kind": {}, "metadata": _META, "spec": {
+            "type": "object", "required": ["selector", "targetPorts", "endpointPickerRef"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {
+                    "type": "object", "required": ["matchLabels"], "additionalProperties": False,
+                    "properties": {"matchLabels": {
+                        "type": "object", "minProperties": 1, "maxProperties": 64,
+                        "propertyNames": {"pattern": _LABEL_KEY},
+                        "additionalProperties": {"type": "string", "maxLength": 63,
+                                                 "pattern": _LABEL_VALUE}}}},
+                "targetPorts": {"type": "array", "minItems": 1, "maxItems": 1, "items": _PORT},
+                "endpointPickerRef": {
+                    "type": "object", "required": ["name", "port"], "additionalProperties": False,
+                    "properties": {
+                        "group": {"type": "string", "maxLength": 253},
+                        "kind": {"type": "string", "minLength": 1, "maxLength": 63},
+                        "name": {"type": "string", "minLength": 1, "maxLength": 253},
+                        "port": _PORT,
+                        "failureMode": {"enum": ["FailOpen", "FailClose"]}}}}}}},
+    # Gateway API standard channel (gateway.networking.k8s.io/v1 HTTPRoute, `timeouts` since
+    # v1.2): the fields the chart sets, with the CRD's limits and patterns.
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {"apiVersion": {}, "kind": {}, "metadata": _META, "spec": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "parentRefs": {"type": "array", "minItems": 1, "maxItems": 32, "items": {
+                    "type": "object", "required": ["name"], "additionalProperties": False,
+                    "properties": {
+                        "group": {"type": "string"}, "kind": {"type": "string"},
+                        "name": {"type": "string", "minLength": 1, "maxLength": 253},
+                        "namespace": {"type": "string", "pattern": _DNS_LABEL},
+                        "sectionName": {"type": "string", "pattern": _DNS_SUBDOMAIN},
+                        "port": {"type": "integer", "minimum": 1, "maximum": 65535}}}},
+                "hostnames": {"type": "array", "maxItems": 16, "items": {
+                    "type": "string", "maxLength": 253, "pattern": _HOSTNAME}},
+                "rules": {"type": "array", "minItems": 1, "maxItems": 16, "items": {
+                    "type": "object", "additionalProperties": False, "properties": {
+                        "matches": {"type": "array", "maxItems": 64, "items": {
+                            "type": "object", "additionalProperties": False, "properties": {
+                                "path": {"type": "object", "additionalProperties": False,
+                                         "properties": {
+                                             "type": {"enum": ["Exact", "PathPrefix",
+                                                               "RegularExpression"]},
+                                             "value": {"type": "string", "maxLength": 1024,
+                                                       "pattern": "^/"}}}}}},
+                        "backendRefs": {"type": "array", "maxItems": 16, "items": {
+                            "type": "object", "required": ["name"], "additionalProperties": False,
+                            "properties": {
+                                "group": {"type": "string"}, "kind": {"type": "string"},
+                                "name": {"type": "string", "minLength": 1, "maxLength": 253},
+                                "namespace": {"type": "string", "pattern": _DNS_LABEL},
+                                "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                                "weight": {"type": "integer", "minimum": 0,
+                                           "maximum": 1000000}}}},
+                        "timeouts": {"type": "object", "additionalProperties": False,
+                                     "properties": {
+                                         "request": {"type": "string", "pattern": _DURATION},
+                                         "backendRequest": {"type": "string",
+                                                            "pattern": _DURATION}}}}}}}}}},
 }
 
 
@@ -194,9 +273,10 @@ EXPECTED = {  # scenario -> (kinds it must add to the default set, component tha
     "trainer-multinode": ({"PyTorchJob"}, "trainer"),
     "gpu-8b": (set(), "server"),  # deploy/README.md's one-GPU example
     "gpu-70b-tp4": (set(), "server"),  # and its tensor-parallel example
+    "inferencepool": ({"InferencePool", "HTTPRoute"}, "server"),  # deploy/README.md section 9
 }
 OPTIONAL_KINDS = {"HorizontalPodAutoscaler", "ScaledObject", "ServiceMonitor", "NetworkPolicy",
-                  "PyTorchJob"}
+                  "PyTorchJob", "InferencePool", "HTTPRoute"}
 
 
 def test_each_scenario_turns_its_feature_on(rendered):
@@ -762,3 +842,153 @@ def test_rendered_names_fit_kubernetes_limits(rendered):
         for o in objs:
             assert len(o["metadata"]["name"]) <= 63, o["metadata"]["name"]
             assert o["metadata"].get("namespace", NAMESPACE) == NAMESPACE
+
+
+# -- Gateway API Inference Extension: InferencePool + HTTPRoute -------------------------------
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def test_inference_pool_selects_the_server_pods_on_their_port(rendered):
+    """The pool holds exactly the server pods (not the Jobs' pods, which share the release's
+    name/instance labels), on the port where each pod serves the API and the /metrics the
+    endpoint picker reads (vllm:lora_requests_info); the route sends /v1 to the pool."""
+    objs, values = rendered["inferencepool"], SCENARIOS["inferencepool"]
+    (pool,) = find(objs, "InferencePool")
+    (route,) = find(objs, "HTTPRoute")
+    dep, c = server(objs), server_container(objs)
+    spec = pool["spec"]
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert _selects(spec["selector"], pod_labels)
+    assert spec["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    (svc,) = find(objs, "Service")
+    assert spec["selector"]["matchLabels"] == svc["spec"]["selector"]  # the same pods
+    for w in workloads(rendered["trainer"]) + workloads(rendered["default"]):
+        if w["kind"] != "Deployment":  # migration hook and trainer pods stay out
+            assert not _selects(spec["selector"], w["spec"]["template"]["metadata"]["labels"])
+    port = int(effective_env(objs, c)["LORAPLEX_PORT"])
+    assert port == values["settings"]["port"] != 8000  # follows the setting, not a constant
+    (http,) = [p for p in c["ports"] if p["name"] == "http"]
+    assert spec["targetPorts"] == [{"number": http["containerPort"]}] == [{"number": port}]
+    assert c["readinessProbe"]["httpGet"]["port"] == "http"  # the gateway only gets ready pods
+    # the endpoint picker: the name the extension's inferencepool chart gives it, its port
+    assert spec["endpointPickerRef"] == {"name": f"{FULLNAME}-epp", "port": {"number": 9002},
+                                         "failureMode": "FailOpen"}
+    assert pool["metadata"]["name"] == FULLNAME
+    # the route: the configured Gateway, the OpenAI API only, to this pool
+    r = route["spec"]
+    assert r["parentRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                                "name": "inference-gateway", "namespace": "gateway"}]
+    assert r["hostnames"] == ["llm.example.com"]
+    (rule,) = r["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/v1"}}]
+    assert rule["backendRefs"] == [{"group": "inference.networking.k8s.io",
+                                    "kind": "InferencePool", "name": FULLNAME}]
+    assert rule["timeouts"] == {"request": "300s"}
+
+
+def test_inference_pool_variants_and_guards(render):
+    # off by default (also checked for every scenario by test_each_scenario_turns_its_feature_on)
+    assert not find(render({}), "InferencePool") and not find(render({}), "HTTPRoute")
+    # the pool without a route (routes managed elsewhere)
+    objs = render({"inferencePool": {"enabled": True, "httpRoute": {"enabled": False}}})
+    assert len(find(objs, "InferencePool")) == 1 and not find(objs, "HTTPRoute")
+    # the extension's chart owns the pool (and its EPP): only the route, to that pool's name
+    objs = render({"inferencePool": {"enabled": True, "create": False, "name": "lp-pool",
+                                     "httpRoute": {"requestTimeout": "",
+                                                   "pathPrefixes": ["/v1", "/tokenize"]}}})
+    assert not find(objs, "InferencePool")
+    (route,) = find(objs, "HTTPRoute")
+    (rule,) = route["spec"]["rules"]
+    assert rule["backendRefs"][0]["name"] == "lp-pool" and "timeouts" not in rule
+    assert [m["path"]["value"] for m in rule["matches"]] == ["/v1", "/tokenize"]
+    for version in KUBE_VERSIONS[:1]:
+        for o in objs:
+            crd = CRD_SCHEMAS.get((o["apiVersion"], o["kind"]))
+            jsonschema.validate(o, crd) if crd else kv.validate(o, version, strict=True)
+    # an explicit EPP name and port; the default failure mode
+    (pool,) = find(render({"inferencePool": {"enabled": True, "name": "pool-a", "endpointPicker": {
+        "name": "shared-epp", "port": 9102}}}), "InferencePool")
+    assert pool["metadata"]["name"] == "pool-a"
+    assert pool["spec"]["endpointPickerRef"] == {"name": "shared-epp", "port": {"number": 9102},
+                                                 "failureMode": "FailClose"}
+    # a long release name: the EPP's name is cut as the extension's chart cuts it (a Service
+    # name is at most 63 characters)
+    (pool,) = find(render({"fullnameOverride": "x" * 63, "inferencePool": {"enabled": True}}),
+                   "InferencePool")
+    assert pool["spec"]["endpointPickerRef"]["name"] == "x" * 40 + "-epp"
+    with pytest.raises(helm.HelmError, match="parentRefs"):
+        render({"inferencePool": {"enabled": True, "httpRoute": {"parentRefs": []}}})
+    for bad in [
+        {"endpointPicker": {"failureMode": "Open"}},
+        {"endpointPicker": {"port": 0}},
+        {"name": "Pool_A"},
+        {"httpRoute": {"requestTimeout": "5 minutes"}},
+        {"httpRoute": {"pathPrefixes": ["v1"]}},
+        {"httpRoute": {"parentRefs": [{"gateway": "x"}]}},
+        {"targetPortNumber": 8000},  # the v1alpha2 field: the chart derives the port
+    ]:
+        with pytest.raises(helm.HelmError):
+            render({"inferencePool": {"enabled": True, **bad}})
+
+
+def test_inference_pool_schemas_reject_older_api_shapes(rendered):
+    """The CRD subsets are not vacuous: the v1alpha2 and pre-GA v1 field names, a second
+    target port and a bad route timeout are rejected."""
+    key = ("inference.networking.k8s.io/v1", "InferencePool")
+    (pool,) = find(rendered["inferencepool"], "InferencePool")
+    (route,) = find(rendered["inferencepool"], "HTTPRoute")
+    jsonschema.validate(pool, CRD_SCHEMAS[key])
+
+    def broken(obj, change):
+        obj = copy.deepcopy(obj)
+        change(obj["spec"])
+        return obj
+
+    for change in [
+        lambda s: s.update(targetPortNumber=8000),  # v1alpha2
+        lambda s: s.update(extensionRef=s.pop("endpointPickerRef")),  # v1alpha2
+        lambda s: s["endpointPickerRef"].update(portNumber=9002),  # pre-GA v1
+        lambda s: s["endpointPickerRef"].pop("port"),
+        lambda s: s["targetPorts"].append({"number": 8001}),
+        lambda s: s["selector"].update(matchExpressions=[]),
+        lambda s: s["selector"]["matchLabels"].update(bad="not a label value"),
+    ]:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken(pool, change), CRD_SCHEMAS[key])
+    rkey = ("gateway.networking.k8s.io/v1", "HTTPRoute")
+    jsonschema.validate(route, CRD_SCHEMAS[rkey])
+    for change in [
+        lambda s: s["rules"][0]["timeouts"].update(request="5m30"),
+        lambda s: s["rules"][0]["backendRefs"][0].update(targetPort=8000),
+        lambda s: s["parentRefs"][0].update(namespace="Gateway_NS"),
+    ]:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken(route, change), CRD_SCHEMAS[rkey])
+
+
+def test_readme_inference_pool_steps_match_the_chart(render):
+    """deploy/README.md section 9: the extension chart's `matchLabels` and target port are the
+    chart's server-pod selector and port, and the values block renders a valid pool and route."""
+    import re
+    import textwrap
+
+    readme = (CHART.parents[1] / "README.md").read_text()
+    section = readme[readme.index("## 9. "):readme.index("## 10. ")]
+    labels = dict(re.findall(r'matchLabels\."([^"]+)"=(\S+)', section))
+    labels = {k.replace("\\.", "."): v for k, v in labels.items()}
+    (pool,) = find(render({"inferencePool": {"enabled": True}}), "InferencePool")
+    assert labels == pool["spec"]["selector"]["matchLabels"]
+    (port,) = re.findall(r"targetPorts\[0\]\.number=(\d+)", section)
+    assert [{"number": int(port)}] == pool["spec"]["targetPorts"]
+    name = re.search(r"inferencePool\.name=(\S+)", section)[1]
+    (route,) = find(render({"inferencePool": {"enabled": True, "create": False, "name": name}}),
+                    "HTTPRoute")
+    assert route["spec"]["rules"][0]["backendRefs"][0]["name"] == name
+    (block,) = re.findall(r"```yaml\n( *inferencePool:\n.*?)```", section, re.S)
+    objs = render(yaml.safe_load(textwrap.dedent(block)))
+    (pool,) = find(objs, "InferencePool")
+    assert pool["spec"]["endpointPickerRef"]["name"] == f"{pool['metadata']['name']}-epp"
+    for o in find(objs, "InferencePool") + find(objs, "HTTPRoute"):
+        jsonschema.validate(o, CRD_SCHEMAS[(o["apiVersion"], o["kind"])])
