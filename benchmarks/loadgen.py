@@ -334,24 +334,37 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def make_adapters(base: Path, out: Path, n: int, rank: int = 8, seed: int = 0) -> dict[str, Path]:
+def make_adapters(base: Path, out: Path, n: int, rank: int = 8, seed: int = 0,
+                  ranks: list[int] | None = None) -> dict[str, Path]:
     """n PEFT LoRAs (rank `rank`, all linear layers) with random non-zero B, in one process.
 
     Serving cost does not depend on the values, only on the shapes; random B makes every
     adapter a different model (a default-initialized LoRA has B = 0 and equals the base).
+    `ranks` (one per adapter, e.g. [8, 16, 8, ...]) mixes ranks; without it every adapter has
+    `rank` and they are made exactly as before.
     """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    ranks = list(ranks) if ranks is not None else [rank] * n
+    if len(ranks) != n:
+        raise ValueError(f"{len(ranks)} ranks for {n} adapters")
     names = {f"a{i:02d}": out / f"a{i:02d}" for i in range(n)}
     if all((p / "adapter_config.json").exists() for p in names.values()):
         return names
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                             target_modules="all-linear"))
+    models = {}  # one PEFT model per rank, made when first needed
+
+    def peft_model(r: int):
+        if r not in models:
+            base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            models[r] = get_peft_model(base_model, LoraConfig(
+                r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear"))
+        return models[r]
+
     gen = torch.Generator().manual_seed(seed)
-    for path in names.values():
+    for (_, path), r in zip(names.items(), ranks):
+        model = peft_model(r)
         with torch.no_grad():
             for pname, p in model.named_parameters():
                 if "lora_B" in pname:
