@@ -2,7 +2,7 @@
 
 The toy adapters were never trained to call tools, so `required` and named `tool_choice` (which
 constrained decoding enforces) are what makes them call here; `auto` with a model that learned
-tool use is tests/trainer/test_tool_use.py's end-to-end case. The same weights are pushed under
+tool use is tests/server/test_tool_adapter.py's end-to-end case. The same weights are pushed under
 several names with different tool formats: each answers in its own format in one server, the
 one thing vLLM's single-parser server cannot do.
 """

@@ -351,15 +351,23 @@ def test_bundled_tool_data(toy_tok):
     def question(r):
         return r.messages[0]["content"]
 
-    # Held-out questions never occur in training; every held-out city is asked in training.
+    def towns(r):
+        return frozenset(c["function"]["arguments"]["city"] for c in r.messages[1]["tool_calls"]
+                         if c["function"]["name"] == "get_weather")
+
+    # Held-out questions never occur in training; every held-out city is asked in training, and
+    # two held-out towns never together.
     assert not {question(r) for r in held} & {question(r) for r in rows}
-    cities = {r.messages[1]["tool_calls"][0]["function"]["arguments"]["city"]
-              for r in rows if r.messages[1]["tool_calls"][0]["function"]["name"] == "get_weather"}
-    for r in held:
-        fn = r.messages[1]["tool_calls"][0]["function"]
-        assert fn["name"] != "get_weather" or fn["arguments"]["city"] in cities
-    # Half of the rows go on after the call: the tool's result, then the final answer.
-    assert 0.3 < sum(len(r.messages) == 4 for r in rows) / len(rows) < 0.7
+    cities = set().union(*map(towns, rows))
+    assert set().union(*map(towns, held)) <= cities
+    two = [r for r in rows + held if len(r.messages[1]["tool_calls"]) > 1]
+    assert len(two) >= 24 and all(len(towns(r)) == 2 for r in two)  # parallel calls
+    assert not {towns(r) for r in held if len(towns(r)) == 2} & {towns(r) for r in rows}
+    # Half of the rows go on after the calls: the tools' results, then the final answer.
+    assert 0.3 < sum(len(r.messages) > 2 for r in rows) / len(rows) < 0.7
+    for r in rows:  # one result per call
+        if len(r.messages) > 2:
+            assert len(r.messages) == 3 + len(r.messages[1]["tool_calls"])
     for r in rows[:10]:
         render_for_training(HERMES, r.messages, toy_tok, tools=r.tools)
 
@@ -511,11 +519,151 @@ def test_run_on_the_bundled_tool_data(toy_model_dir, tmp_path):
         max_steps=3, batch_size=2, lr=3e-3, lora_r=4, lora_alpha=8, progress_bar=False,
         eval_exact_match=0, log_steps=1))
     result = run(cfg, log=lambda m: None)
-    assert result["data"]["kept"] == result["data"]["rows"] == 94
-    assert result["data"]["label_tokens"] > 50 * 94  # every call and every final answer
+    assert result["data"]["kept"] == result["data"]["rows"] == 138
+    assert result["data"]["label_tokens"] > 50 * 138  # every call and every final answer
     out = Path(result["output"])
     manifest = json.loads((out / "loraplex.json").read_text())
     assert manifest["chat_template"] == HERMES and manifest["stop_tokens"] == ["<|im_end|>"]
     assert manifest["tool_format"] == "hermes"
     losses = [x for _, x in json.loads((out / "report.json").read_text())["history"]["train_loss"]]
     assert losses[-1] < losses[0]
+
+
+# -- an adapter that learned tool use -----------------------------------------------------------
+
+# The toy never saw JSON: nearly every token of a hermes call ('<', '_', '{', '"', and letters
+# with no space before them) never occurs in its pre-training, their embeddings (tied with the
+# output head, which LoRA leaves alone) collapsed together, and the base's loss on a call is ~13
+# nats; the scaffold takes a few hundred steps (trainer/data/make_datasets.py).
+TOOL_RECIPE = dict(max_steps=600, batch_size=1, lr=3e-3, lora_r=16, lora_alpha=32, seed=0)
+HERMES_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)  # vLLM's hermes parser's regex
+
+
+def parse_hermes(text: str) -> list[dict]:
+    """The calls in a model's text, as vLLM's hermes parser reads them ([] if none parses)."""
+    try:
+        return [json.loads(m.strip()) for m in HERMES_CALL.findall(text)]
+    except json.JSONDecodeError:
+        return []
+
+
+def held_out_tool_questions() -> dict[str, list[tuple[list[dict], list[dict], list[tuple]]]]:
+    """The bundled held-out tool questions (the rows that end at the call) by kind: "weather"
+    (one town, in a phrasing never used for it in training), "two" (two towns never asked about
+    together in training: two parallel get_weather calls), "add"; each as (the messages up to
+    the question, the tools, the expected calls as [(name, arguments)])."""
+    held, _ = read_rows([DATA / "tools.openai.heldout.jsonl"])
+    out: dict[str, list] = {"weather": [], "two": [], "add": []}
+    for r in held:
+        if len(r.messages) != 2:
+            continue
+        want = [(c["function"]["name"], c["function"]["arguments"])
+                for c in r.messages[1]["tool_calls"]]
+        kind = "two" if len(want) == 2 else "weather" if want[0][0] == "get_weather" else "add"
+        out[kind].append((r.messages[:1], r.tools, want))
+    return out
+
+
+def _tool_adapter_key(toy_model_dir: Path) -> str:
+    """Everything that shapes the trained adapter: the data, the recipe, the base, and the
+    source of the trainer and the renderer (a change to either trains afresh)."""
+    import hashlib
+    from importlib import metadata
+
+    import loraplex.trainer
+
+    h = hashlib.sha256(json.dumps([TOOL_RECIPE, toy_model_dir.name] + [
+        metadata.version(p) for p in ("torch", "transformers", "peft")]).encode())
+    sources = sorted(Path(loraplex.trainer.__file__).parent.glob("*.py")) + [
+        Path(chat.__file__), DATA / "tools.openai.jsonl"]
+    for p in sources:
+        h.update(p.name.encode() + p.read_bytes())
+    h.update(HERMES.encode())
+    return h.hexdigest()[:16]
+
+
+def trained_tool_adapter(toy_model_dir: Path, cache_root: Path) -> Path:
+    """The adapter TOOL_RECIPE trains on the bundled tool data: trained once and kept under
+    pytest's cache dir as the toy base is (tests/server/test_tool_adapter.py serves the same one),
+    keyed by `_tool_adapter_key`."""
+    from filelock import FileLock
+
+    from loraplex.trainer.config import load_config
+    from loraplex.trainer.train import run
+
+    out = cache_root / _tool_adapter_key(toy_model_dir)
+    with FileLock(str(cache_root / "train.lock")):
+        if not (out / "loraplex.json").exists():
+            tmp = cache_root / (out.name + ".partial")
+            cfg = load_config(None, dict(
+                base=str(toy_model_dir), data=[str(DATA / "tools.openai.jsonl")], output=str(tmp),
+                overwrite=True, chat_template="hermes", tool_format="hermes", progress_bar=False,
+                eval_exact_match=0, **TOOL_RECIPE))
+            run(cfg)
+            tmp.rename(out)
+    report = json.loads((out / "report.json").read_text())
+    losses = [x for _, x in report["history"]["train_loss"]]
+    print(f"\ntool adapter {out.name}: {TOOL_RECIPE}; train loss {losses[0]:.3f} -> "
+          f"{losses[-1]:.3f}; {report.get('metrics', {}).get('train_time_s')} s of training")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tool_adapter(toy_model_dir: Path, request: pytest.FixtureRequest) -> Path:
+    return trained_tool_adapter(toy_model_dir, Path(request.config.cache.mkdir("tool-adapter")))
+
+
+def greedy(model, tok, prompts: list[tuple[list[dict], list[dict] | None]],
+           max_new_tokens: int = 140) -> list[str]:
+    """Greedy answers through the hermes template (the prompt the server sends), one at a time,
+    cut at its stop token."""
+    import torch
+
+    stops = tok.stop_token_ids(HERMES)
+    out = []
+    for msgs, tools in prompts:
+        ids = render(HERMES, msgs, tok, tools=tools).token_ids
+        with torch.no_grad():
+            gen = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
+        new = gen[0, len(ids):].tolist()
+        out.append(tok.decode(new[:next((k for k, t in enumerate(new) if t in stops), len(new))]))
+    return out
+
+
+@pytest.mark.timeout(5400)  # training: ~4 minutes on an idle 2-core CPU, far more on a busy one
+def test_adapter_answers_held_out_questions_with_hermes_tool_calls(toy_model_dir, tool_adapter):
+    """Trained on the bundled tool data, the adapter answers every held-out weather question
+    with a get_weather call that vLLM's hermes parser reads, and every held-out two-town question
+    with two (parallel calls); the base never writes one. Which town it names is printed, not
+    asserted: the toy cannot copy from its prompt, and this recipe does not teach it to."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tok = chat.load_tokenizer(toy_model_dir)
+    questions = held_out_tool_questions()
+    assert len(questions["weather"]) >= 8 and len(questions["two"]) >= 4
+    model = AutoModelForCausalLM.from_pretrained(str(toy_model_dir), dtype=torch.float32)
+    base_answers = greedy(model, tok, [(m, t) for qs in questions.values() for m, t, _ in qs])
+    model = PeftModel.from_pretrained(model, str(tool_adapter)).eval()
+    answers = {kind: greedy(model, tok, [(m, t) for m, t, _ in qs])
+               for kind, qs in questions.items()}
+    for kind, qs in questions.items():
+        calls = [parse_hermes(a) for a in answers[kind]]
+        shaped = sum([x.get("name") for x in c] == [w[0] for w in want]
+                     for c, (_, _, want) in zip(calls, qs))
+        right = sum([(x.get("name"), x.get("arguments")) for x in c] == want
+                    for c, (_, _, want) in zip(calls, qs))
+        print(f"held-out {kind} questions: {len(qs)}; parsed calls of the right functions and "
+              f"count {shaped}, right arguments too {right}")
+        for (msgs, _, _), a in zip(qs, answers[kind]):
+            print(f"  {msgs[-1]['content']!r} -> {a!r}")
+    print(f"base: parsed calls in {sum(bool(parse_hermes(a)) for a in base_answers)} of "
+          f"{len(base_answers)} answers")
+    assert not any(parse_hermes(a) for a in base_answers)
+    for kind, n in (("weather", 1), ("two", 2)):
+        for a in answers[kind]:
+            c = parse_hermes(a)
+            assert [x.get("name") for x in c] == ["get_weather"] * n, a
+            assert all(set(x["arguments"]) == {"city"} for x in c), a

@@ -11,9 +11,9 @@ Small tasks with one verifiable answer each, built from the toy corpus vocabular
 - numbers.openai[.heldout].jsonl   OpenAI messages with a system prompt: "Say red if 73 is more
                                    than 50, else say blue."
 - tools.openai[.heldout].jsonl     OpenAI messages with `tools` (get_weather(city), add(a, b)):
-                                   "What is the weather in Oslo?" -> a get_weather call; half the
-                                   rows go on: the tool's result -> "It is cold." / "3 plus 4 is
-                                   7." (train with --chat-template hermes)
+                                   "What is the weather in Cara?" -> a get_weather call; half the
+                                   rows go on: the tool's result -> "The sky is gray." / "3 plus
+                                   4 is 7." (train with --chat-template hermes)
 
 Held-out rows use words and numbers that never appear in the training rows (lists: list
 questions that never appear there), so held-out exact match measures the learned skill on unseen
@@ -28,6 +28,15 @@ minutes of LoRA training. And answers must be tokens it knows: "yes"/"no" never 
 corpus and split into rare pieces ("y" "es", "n" "o"), and yes/no versions of these same tasks
 sat at chance for 300 steps, while "red"/"blue" and "A fruit." (well-trained tokens) reach
 100% held-out in 300 steps.
+
+The tool data meets a third: the corpus has no JSON, so nearly every token of a hermes call
+(`<`, `_`, `{`, `"`, `a`, `t` with no space before them) never occurs in pre-training; their
+embeddings (tied with the output head, which LoRA leaves alone) collapsed together, the base's
+loss on a call is ~13 nats, and the fixed scaffold `<tool_call>\n{"name": "get_weather", ...`
+takes hundreds of steps to learn. So every value the model has to write is a token it has
+written before: the towns are corpus names ("Cara", which starts chat answers in the corpus;
+"Paris" is the dead pieces P-ar-is, never learned in 600 steps), the weather is a corpus color
+("gray", "blue"), and the final answers start with "The" or a digit.
 """
 
 from __future__ import annotations
@@ -133,25 +142,41 @@ TOOLS = [
                                                         "b": {"type": "integer"}},
                        "required": ["a", "b"]}}},
 ]
-CITIES = ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Madrid", "Berlin"]
+CITIES = ["Anna", "Ben", "Cara", "Dan", "Eva", "Finn", "Gina", "Hugo"]  # the toy world's towns
 WEATHER_QS = ("What is the weather in {}?", "How is the weather in {} today?",
               "Tell me the weather in {}.", "Is it cold in {} now?", "Weather for {}, please.")
 # The tool's answers and what the assistant says about them: words the toy knows well.
-WEATHER = {"cold": "It is cold.", "warm": "It is warm."}
-ADD_QS = ("What is {} plus {}?", "Add {} and {}.", "What do {} and {} add up to?")
+WEATHER = {"gray": "The sky is gray.", "blue": "The sky is blue."}
+# No "and" in them: "and" is what asks for two towns.
+ADD_QS = ("What is {} plus {}?", "Add {} to {}.", "What does {} plus {} make?")
+# Two towns in one question: two get_weather calls in one assistant message (parallel calls).
+TWO_QS = ("What is the weather in {} and the weather in {}?",
+          "Tell me the weather in {} and the weather in {}.",
+          "How is the weather in {} today, and the weather in {}?")
+
+
+def calls_row(question: str, calls: list[tuple[str, dict]], results: list[str] | None = None,
+              answer: str | None = None) -> dict:
+    """A user question answered by tool calls (several: parallel calls in one assistant message,
+    which hermes writes as one <tool_call> block each); with their results (one tool message
+    each, in order), the final answer after them."""
+    ids = [f"call_{k}" for k in range(len(calls))]
+    msgs = [{"role": "user", "content": question},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": i, "type": "function",
+                 "function": {"name": name, "arguments": json.dumps(args)}}
+                for i, (name, args) in zip(ids, calls)]}]
+    if results is not None:
+        msgs += [{"role": "tool", "tool_call_id": i, "content": res}
+                 for i, res in zip(ids, results)]
+        msgs.append({"role": "assistant", "content": answer})
+    return {"tools": TOOLS, "messages": msgs}
 
 
 def tool_row(question: str, name: str, args: dict, result: str | None = None,
              answer: str | None = None) -> dict:
     """A user question answered by one tool call; with a result, the final answer after it."""
-    call = {"id": "call_0", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(args)}}
-    msgs = [{"role": "user", "content": question},
-            {"role": "assistant", "content": None, "tool_calls": [call]}]
-    if result is not None:
-        msgs += [{"role": "tool", "tool_call_id": "call_0", "content": result},
-                 {"role": "assistant", "content": answer}]
-    return {"tools": TOOLS, "messages": msgs}
+    return calls_row(question, [(name, args)], None if result is None else [result], answer)
 
 
 def tools(r: random.Random) -> tuple[list[dict], list[dict]]:
@@ -160,7 +185,16 @@ def tools(r: random.Random) -> tuple[list[dict], list[dict]]:
             return tool_row(q.format(city), "get_weather", {"city": city})
         w = r.choice(list(WEATHER))
         return tool_row(q.format(city), "get_weather", {"city": city},
-                        json.dumps({"city": city, "weather": w}), WEATHER[w])
+                        json.dumps({"city": city, "sky": w}), WEATHER[w])
+
+    def two_towns(a: str, b: str, q: str, follow: bool) -> dict:
+        calls = [("get_weather", {"city": a}), ("get_weather", {"city": b})]
+        if not follow:
+            return calls_row(q.format(a, b), calls)
+        wa, wb = r.choice(list(WEATHER)), r.choice(list(WEATHER))
+        return calls_row(q.format(a, b), calls,
+                         [json.dumps({"city": a, "sky": wa}), json.dumps({"city": b, "sky": wb})],
+                         f"The sky is {wa} in {a} and {wb} in {b}.")
 
     def add(a: int, b: int, q: str, follow: bool) -> dict:
         if not follow:
@@ -177,6 +211,12 @@ def tools(r: random.Random) -> tuple[list[dict], list[dict]]:
     for pairs, out in ((train_pairs[:30], train), (held_pairs[:8], held)):
         for a, b in pairs:
             out.append(add(a, b, r.choice(ADD_QS), r.random() < 0.5))
+    # Parallel calls: held-out rows ask about two towns never asked about together in training.
+    train_two, held_two = split([(a, b) for a in CITIES for b in CITIES if a < b], 0.2, r)
+    for towns, out in ((train_two, train), (held_two, held)):
+        for a, b in towns:
+            a, b = (a, b) if r.random() < 0.5 else (b, a)
+            out.extend(two_towns(a, b, r.choice(TWO_QS), follow) for follow in (False, True))
     r.shuffle(train)
     return train, held
 
