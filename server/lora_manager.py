@@ -8,16 +8,13 @@
   registry's fetch), validation against the served base and the engine's `max_lora_rank`, then
   `engine.add_lora`. Concurrent first requests for one version share one load (one future per
   version); loads run in threads and never hold a lock that other adapters' requests need.
-- The disk cache keeps `adapter_cache_bytes`: an in-memory index (entry -> bytes, LRU order),
-  built once at start in a thread and kept by fetches and evictions, so no request walks the
-  directory. Before a fetch, least recently used entries are evicted until the new one fits.
-  An entry may go only when no request holds its version (`acquire` .. `release`: from
-  admission until the response is done, streams included), it is not loading and not pinned:
-  vLLM re-reads an adapter's files from `LoraRef.path` when it has dropped it from its host
-  cache and a request needs it again. Evicting drops the version from `loaded`, so its next
-  request loads it again (fetch, then `add_lora`, which for an id vLLM still holds only
-  touches it). The directory is renamed away on the event loop (one syscall, so the decision
-  and the name's release are atomic with respect to other requests) and deleted in a thread.
+- The disk cache keeps `adapter_cache_bytes` (its index and LRU eviction: `disk_cache.py`).
+  Before a fetch, least recently used entries are evicted until the new one fits. An entry
+  may go only when no request holds its version (`acquire` .. `release`: from admission until
+  the response is done, streams included), it is not loading and not pinned: vLLM re-reads an
+  adapter's files from `LoraRef.path` when it has dropped it from its host cache and a request
+  needs it again. Evicting drops the version from `loaded`, so its next request loads it again
+  (fetch, then `add_lora`, which for an id vLLM still holds only touches it).
 - `update_residency` (each /metrics scrape) also sets the LoRA-affinity series the Gateway API
   Inference Extension's endpoint picker reads (`vllm:lora_requests_info`): see
   `lora_requests_info`.
@@ -30,8 +27,6 @@ import errno
 import logging
 import shutil
 import time
-import uuid
-from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +44,7 @@ from loraplex.adapters.records import AdapterVersion, BaseModelRecord, RegistryS
 from loraplex.adapters.refs import DEFAULT_ALIAS, LATEST
 from loraplex.adapters.registry import Registry
 from loraplex.adapters.validate import validate_adapter_dir
+from loraplex.server.disk_cache import CacheEntry, DiskCache, dir_bytes
 from loraplex.server.interface import Engine, LoraRef
 from loraplex.server.metrics import Metrics
 from loraplex.server.settings import ServerSettings
@@ -57,9 +53,6 @@ log = logging.getLogger("loraplex.adapters")
 # How long a request naming an unknown adapter waits for the registry before a 503 (a database
 # that hangs instead of refusing must not hang requests).
 LOOKUP_TIMEOUT_S = 5.0
-# Evicted cache entries are renamed to `.evicting-<entry>-<random>` and deleted in a thread; the
-# leading dot keeps them out of the index (and a start removes any a crash left behind).
-_TRASH = ".evicting-"
 
 
 @dataclass
@@ -68,23 +61,6 @@ class _Loaded:
     version: AdapterVersion
     entry: str  # its directory in the disk cache
     pinned: bool = False
-
-
-@dataclass
-class _CacheEntry:
-    """One whole adapter copy in the disk cache (the index's value)."""
-
-    nbytes: int
-    int_id: int | None = None  # the version it holds, once this process has used it
-
-
-def _dir_bytes(d: Path) -> int:
-    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-
-
-def _remove_trees(paths: list[Path]) -> None:
-    for p in paths:
-        shutil.rmtree(p, ignore_errors=True)
 
 
 class AdapterManager:
@@ -99,17 +75,12 @@ class AdapterManager:
         self._loading: dict[int, asyncio.Future[LoraRef]] = {}
         # Requests holding each version (by lora int id), from `acquire` to `release`.
         self._uses: dict[int, int] = {}
-        # The disk cache index: entry name -> bytes, least recently used first. Changed only on
-        # the event loop; `_reserved` counts the bytes of fetches in progress.
-        self._disk: OrderedDict[str, _CacheEntry] = OrderedDict()
-        self._disk_bytes = 0
-        self._reserved = 0
-        self._trim: asyncio.Task | None = None
+        self.cache = DiskCache(settings.cache_dir, settings.adapter_cache_bytes,
+                               self._evictable, self._evicted)
         self._names: tuple[RegistrySnapshot, dict[int, list[str]], dict[str, int]] | None = None
         self._refresh_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
         self.registry_ok = False
-        settings.cache_dir.mkdir(parents=True, exist_ok=True)
 
     # -- registry view ------------------------------------------------------------------
     async def refresh(self, force: bool = False) -> bool:
@@ -137,10 +108,7 @@ class AdapterManager:
 
     async def start(self) -> None:
         await self.refresh(force=True)
-        for name, nbytes in await asyncio.to_thread(self._scan_cache):
-            self._disk[name] = _CacheEntry(nbytes)
-            self._disk_bytes += nbytes
-        await self._make_room()  # the cap may have been lowered since the last run
+        await self.cache.start()
         self.metrics.set_lora_info([], [], self.settings.max_loras)
         self._poller = asyncio.create_task(self._poll())
         for ref in self.settings.preload:
@@ -204,23 +172,14 @@ class AdapterManager:
             self._uses[i] = n
             return
         self._uses.pop(i, None)
-        if (self._trim is None and self._disk_bytes + self._reserved
-                > self.settings.adapter_cache_bytes):
-            # Over the cap because everything was held (concurrent loads): back under it now
-            # that this one is free, not at the next load.
-            self._trim = asyncio.get_running_loop().create_task(self._trim_cache())
-
-    async def _trim_cache(self) -> None:
-        try:
-            await self._make_room()
-        finally:
-            self._trim = None
+        # Over the cap because everything was held (concurrent loads): back under it now that
+        # this one is free, not at the next load.
+        self.cache.trim_soon()
 
     async def ensure_loaded(self, v: AdapterVersion) -> LoraRef:
         hit = self.loaded.get(v.lora_int_id)
         if hit is not None:
-            if hit.entry in self._disk:
-                self._disk.move_to_end(hit.entry)  # LRU
+            self.cache.touch(hit.entry)  # LRU
             self.metrics.cache_hits.labels(v.name, str(v.version)).inc()
             return hit.ref
         fut = self._loading.get(v.lora_int_id)
@@ -293,20 +252,17 @@ class AdapterManager:
         it (LRU eviction down to `adapter_cache_bytes`). A full disk evicts further and tries
         once more, then is a 503. Runs while `v` is in `_loading`, which protects its entry."""
         name = self._cache_path(v).name
-        entry = self._disk.get(name)
-        if entry is not None:
-            entry.int_id = v.lora_int_id  # before any await: from now on it is protected
-            self._disk.move_to_end(name)
+        entry = self.cache.claim(name, v.lora_int_id)  # before any await: now protected
         reserved = 0 if entry is not None else v.total_size
         try:
             if reserved:
-                await self._make_room(reserved)  # reserves them (at once) for this fetch
+                await self.cache.make_room(reserved)  # reserves them (at once) for this fetch
             try:
                 path, nbytes = await asyncio.to_thread(self._local_copy, v, entry is None)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
-                freed = await self._make_room(need_free=v.total_size + (1 << 16))
+                freed = await self.cache.make_room(need_free=v.total_size + (1 << 16))
                 log.warning("adapter cache %s is full loading %s: evicted %d bytes, retrying",
                             self.settings.cache_dir, v.ref, freed)
                 try:
@@ -318,15 +274,10 @@ class AdapterManager:
                                    f"cache disk ({self.settings.cache_dir}) is full; retry "
                                    "shortly") from exc2
         finally:
-            self._reserved -= reserved
-        old = self._disk.pop(name, None)
-        if old is not None:
-            self._disk_bytes -= old.nbytes
-        nbytes = nbytes if nbytes is not None else (old.nbytes if old is not None else 0)
-        self._disk[name] = _CacheEntry(nbytes, v.lora_int_id)
-        self._disk_bytes += nbytes
-        if self._disk_bytes + self._reserved > self.settings.adapter_cache_bytes:
-            await self._make_room()  # it came out larger than its record said
+            self.cache.unreserve(reserved)
+        self.cache.put(name, nbytes, v.lora_int_id)
+        if self.cache.over_cap:
+            await self.cache.make_room()  # it came out larger than its record said
         return path
 
     def _local_copy(self, v: AdapterVersion, measure: bool) -> tuple[Path, int | None]:
@@ -338,9 +289,9 @@ class AdapterManager:
         d = self._cache_path(v)
         if d.exists():
             d.touch()  # LRU order for the index a restart builds
-            return d, _dir_bytes(d) if measure else None
+            return d, dir_bytes(d) if measure else None
         self._fetch_into_cache(v, d)
-        return d, _dir_bytes(d)
+        return d, dir_bytes(d)
 
     def _fetch_into_cache(self, v: AdapterVersion, d: Path) -> Path:
         tmp = d.with_name(d.name + ".partial")
@@ -355,19 +306,7 @@ class AdapterManager:
             raise
         return d
 
-    def _scan_cache(self) -> list[tuple[str, int]]:
-        """(In a thread, once at start.) The whole cached copies on disk, least recently used
-        first, with their sizes; removes what an eviction interrupted by a crash left."""
-        found = []
-        for p in self.settings.cache_dir.iterdir():
-            if p.name.startswith(_TRASH):
-                shutil.rmtree(p, ignore_errors=True)
-            # Only whole cached copies: not `.partial` fetches or their `.NAME.tmp-*` downloads.
-            elif p.is_dir() and not p.name.endswith(".partial") and not p.name.startswith("."):
-                found.append((p.stat().st_mtime, p.name, _dir_bytes(p)))
-        return [(name, nbytes) for _, name, nbytes in sorted(found)]
-
-    def _evictable(self, e: _CacheEntry) -> bool:
+    def _evictable(self, e: CacheEntry) -> bool:
         """No request holds the entry's version, it is not loading and not pinned."""
         i = e.int_id
         if i is None:  # never used by this process: nothing can be reading it
@@ -377,50 +316,11 @@ class AdapterManager:
         hit = self.loaded.get(i)
         return hit is None or not hit.pinned
 
-    async def _make_room(self, incoming: int = 0, need_free: int = 0) -> int:
-        """LRU-evict cache entries nobody uses until the index plus the fetches in progress
-        plus `incoming` (reserved here for the caller, which gives it back) fit in
-        `adapter_cache_bytes`, and until `need_free` bytes are free on the cache's disk.
-        Returns the bytes evicted. The plan and the renames run on the event loop without an
-        await between them, so no request can take an entry between its choice and its
-        removal; the deletion runs in a thread."""
-        cache = self.settings.cache_dir
-        free = (await asyncio.to_thread(shutil.disk_usage, cache)).free if need_free else 0
-        cap = self.settings.adapter_cache_bytes
-        total = self._disk_bytes + self._reserved + incoming
-        self._reserved += incoming
-        victims: list[str] = []
-        freed = 0
-        for name, e in self._disk.items():  # least recently used first
-            if total - freed <= cap and free + freed >= need_free:
-                break
-            if self._evictable(e):
-                victims.append(name)
-                freed += e.nbytes
-        trash = []
-        for name in victims:
-            e = self._disk.pop(name)
-            self._disk_bytes -= e.nbytes
-            hit = self.loaded.get(e.int_id) if e.int_id is not None else None
-            if hit is not None and hit.entry == name:
-                del self.loaded[e.int_id]  # its next request loads (fetches) it again
-            dest = cache / f"{_TRASH}{name}-{uuid.uuid4().hex[:8]}"
-            try:
-                (cache / name).rename(dest)
-                trash.append(dest)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:  # left on disk, out of the index: never read again
-                log.warning("could not evict %s from the adapter cache: %s", name, exc)
-        if victims:
-            log.info("adapter cache: evicted %d entries (%d bytes) for %d bytes incoming",
-                     len(victims), freed, incoming)
-        if total - freed > cap:
-            log.debug("adapter cache over its cap (%d > %d bytes): the rest is in use",
-                      total - freed, cap)
-        if trash:
-            await asyncio.to_thread(_remove_trees, trash)
-        return freed
+    def _evicted(self, name: str, e: CacheEntry) -> None:
+        """The cache let `name` go: its version's next request loads (fetches) it again."""
+        hit = self.loaded.get(e.int_id) if e.int_id is not None else None
+        if hit is not None and hit.entry == name:
+            del self.loaded[e.int_id]
 
     # -- admin verbs ----------------------------------------------------------------------
     async def pin(self, v: AdapterVersion) -> LoraRef:
@@ -470,7 +370,7 @@ class AdapterManager:
         for v in self.snapshot.versions:
             for tier in sorted(engine_view.get(v.lora_int_id, ())):
                 tiers[tier].append((v.name, v.version))
-            if self._cache_path(v).name in self._disk:
+            if self._cache_path(v).name in self.cache:
                 tiers["disk"].append((v.name, v.version))
         self.metrics.set_residency(tiers)
         hot = {i for i, where in engine_view.items() if "accelerator" in where}

@@ -7,6 +7,7 @@ unique names, so they do not disturb each other's expectations.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,3 +68,20 @@ def served(toy_model_dir, test_loras, tmp_path_factory) -> Served:
                  proc=proc, log=log)
     stop_server(proc)
     registry.close()
+
+
+def run_manager(settings, registry: Registry, body, engine):
+    """Start an `AdapterManager` over `engine` (a fake one, started here) and return
+    `await body(manager, engine)`, stopping the manager after it."""
+    from loraplex.server.lora_manager import AdapterManager
+    from loraplex.server.metrics import Metrics
+
+    async def main():
+        await engine.start()
+        m = AdapterManager(settings, registry, engine, Metrics())
+        await m.start()
+        try:
+            return await body(m, engine)
+        finally:
+            await m.stop()
+    return asyncio.run(main())

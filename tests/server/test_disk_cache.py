@@ -18,8 +18,8 @@ import pytest
 from loraplex.adapters.errors import AdapterInvalid
 from loraplex.adapters.registry import Registry
 from loraplex.server.lora_manager import AdapterManager
-from loraplex.server.metrics import Metrics
 from loraplex.server.settings import ServerSettings
+from tests.server.conftest import run_manager
 from tests.server.test_app_unit import FakeEngine
 
 
@@ -56,25 +56,11 @@ class CountingEngine(FakeEngine):
         await super().add_lora(lora)
 
 
-def run_manager(settings, reg, body):
-    """Start a manager over a fresh CountingEngine and run `body(manager, engine)`."""
-    async def main():
-        engine = CountingEngine()
-        await engine.start()
-        m = AdapterManager(settings, reg, engine, Metrics())
-        await m.start()
-        try:
-            return await body(m, engine)
-        finally:
-            await m.stop()
-    return asyncio.run(main())
-
-
 def index_matches_disk(m: AdapterManager) -> None:
     cache = m.settings.cache_dir
     on_disk = {p.name: cache_bytes(p) for p in cache.iterdir() if p.is_dir()}
-    assert {n: e.nbytes for n, e in m._disk.items()} == on_disk
-    assert m._disk_bytes == sum(on_disk.values()) and m._reserved == 0
+    assert {n: e.nbytes for n, e in m.cache.entries.items()} == on_disk
+    assert m.cache.nbytes == sum(on_disk.values()) and m.cache.reserved == 0
 
 
 # -- through serving (fake engine) -------------------------------------------------------------
@@ -185,7 +171,7 @@ def test_held_and_pinned_versions_stay_then_an_evicted_one_is_fetched_again(
         assert not m._uses
         index_matches_disk(m)
 
-    run_manager(settings, reg, body)
+    run_manager(settings, reg, body, CountingEngine())
     reg.close()
 
 
@@ -207,7 +193,7 @@ def test_a_loading_version_is_not_evicted_and_a_failed_load_frees_its_hold(
 
         engine.add_lora = slow_add
         slow = asyncio.create_task(m.acquire(v["slow"]))
-        while not any(n.startswith("slow@") for n in m._disk):
+        while not any(n.startswith("slow@") for n in m.cache.entries):
             await asyncio.sleep(0.01)  # fetched, now in the engine's add_lora
         assert m.lora_requests_info()[1]  # waiting for its load
         await m.ensure_loaded(v["other"])  # has to make room, but `slow` is loading
@@ -225,7 +211,7 @@ def test_a_loading_version_is_not_evicted_and_a_failed_load_frees_its_hold(
             await m.acquire(v["third"])
         assert not m._uses and not m._loading and v["third"].lora_int_id not in m.loaded
 
-    run_manager(settings, reg, body)
+    run_manager(settings, reg, body, CountingEngine())
     reg.close()
 
 
@@ -268,7 +254,7 @@ def test_start_indexes_the_cache_once_and_trims_it(tmp_path, toy_model_dir, one_
         assert cache_bytes(cache) <= cap
         index_matches_disk(m)
 
-    run_manager(settings, reg, body)
+    run_manager(settings, reg, body, CountingEngine())
     reg.close()
 
 

@@ -26,8 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.adapters.registry import Registry
 from loraplex.server.lora_manager import AdapterManager
-from loraplex.server.metrics import VLLM_LORA_INFO, Metrics
+from loraplex.server.metrics import VLLM_LORA_INFO
 from loraplex.server.settings import ServerSettings
+from tests.server.conftest import run_manager
 from tests.server.test_app_unit import FakeEngine
 
 
@@ -57,19 +58,6 @@ def settings_for(tmp_path, toy_model_dir, **kw) -> ServerSettings:
                           base_name="toy", api_keys=["k"], max_lora_rank=8, max_loras=4, **kw)
 
 
-def run_manager(settings, reg, body):
-    async def main():
-        engine = FakeEngine()
-        await engine.start()
-        m = AdapterManager(settings, reg, engine, Metrics())
-        await m.start()
-        try:
-            return await body(m, engine)
-        finally:
-            await m.stop()
-    return asyncio.run(main())
-
-
 BOT1 = ["bot", "bot:canary", "bot:prod", "bot@1"]
 BOT2 = ["bot:canary", "bot:latest", "bot@2"]
 SOLO = ["solo", "solo:latest", "solo@1"]
@@ -94,7 +82,7 @@ def test_running_lists_every_name_of_a_version_with_requests(tmp_path, toy_model
         running, _, max_lora = m.lora_requests_info(hot={v["bot@1"].lora_int_id})
         assert running == sorted(set(BOT1 + BOT2 + SOLO)) and max_lora - len(running) == 2
 
-    run_manager(settings_for(tmp_path, toy_model_dir), registry, body)
+    run_manager(settings_for(tmp_path, toy_model_dir), registry, body, FakeEngine())
 
 
 def test_waiting_for_a_load_or_for_a_slot(tmp_path, toy_model_dir, registry):
@@ -125,7 +113,7 @@ def test_waiting_for_a_load_or_for_a_slot(tmp_path, toy_model_dir, registry):
         assert running == sorted(set(BOT1 + SOLO)) and waiting == []
         assert len(running) + len(waiting) - max_lora == 2 - 4  # two versions with requests
 
-    run_manager(settings_for(tmp_path, toy_model_dir), registry, body)
+    run_manager(settings_for(tmp_path, toy_model_dir), registry, body, FakeEngine())
 
 
 def affinity_samples(text: str) -> dict[str, list]:
@@ -265,4 +253,4 @@ def test_concurrent_requests_for_a_just_pushed_adapter_all_resolve(tmp_path, toy
         found = await asyncio.gather(*(m.resolve("fresh", None) for _ in range(4)))
         return [v.ref for v in found]
 
-    assert run_manager(settings, registry, body) == ["fresh@1"] * 4
+    assert run_manager(settings, registry, body, FakeEngine()) == ["fresh@1"] * 4
