@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,21 +55,37 @@ def start_server(model: Path, env: dict[str, str], log: Path, timeout: float = 2
     return proc
 
 
+def toy_registry(home: Path, toy_model_dir: Path) -> Registry:
+    """A fresh SQLite + directory registry under `home` with the toy base registered as `toy`."""
+    registry = Registry(f"sqlite:///{home / 'registry.db'}", str(home / "artifacts"))
+    registry.register_base("toy", toy_model_dir)
+    return registry
+
+
+@contextmanager
+def serving(model: Path, home: Path, registry: Registry, **env: str) -> Iterator[Served]:
+    """`loraplex serve` of `model` over `registry` (settings from `server_env`, plus `env`),
+    ready; stopped and the registry closed on exit."""
+    port = free_port()
+    environ = server_env(home, port, **env)
+    log = home / "server.log"
+    proc = start_server(model, environ, log)
+    try:
+        yield Served(url=f"http://127.0.0.1:{port}", home=home, env=environ, registry=registry,
+                     proc=proc, log=log)
+    finally:
+        stop_server(proc)
+        registry.close()
+
+
 @pytest.fixture(scope="session")
 def served(toy_model_dir, test_loras, tmp_path_factory) -> Served:
     home = tmp_path_factory.mktemp("served-home")
-    registry = Registry(f"sqlite:///{home / 'registry.db'}", str(home / "artifacts"))
-    registry.register_base("toy", toy_model_dir)
+    registry = toy_registry(home, toy_model_dir)
     for name, path in test_loras.items():
         registry.push(path, name, base="toy")
-    port = free_port()
-    env = server_env(home, port)
-    log = home / "server.log"
-    proc = start_server(toy_model_dir, env, log)
-    yield Served(url=f"http://127.0.0.1:{port}", home=home, env=env, registry=registry,
-                 proc=proc, log=log)
-    stop_server(proc)
-    registry.close()
+    with serving(toy_model_dir, home, registry) as s:
+        yield s
 
 
 def run_manager(settings, registry: Registry, body, engine):

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.adapters.registry import Registry
-from tests.server.conftest import Served, start_server
-from tests.services import free_port, server_env, stop_server
+from tests.server.conftest import Served, serving, toy_registry
 from tests.trainer.test_tool_use import held_out_tool_questions, trained_tool_adapter
 
 # The first test may train the adapter: about 4 minutes on an idle 2-core CPU (200 s of training),
@@ -51,22 +49,15 @@ def adapter(toy_model_dir, request) -> Path:
 @pytest.fixture(scope="module")
 def server(toy_model_dir, adapter, tmp_path_factory) -> Served:
     home = tmp_path_factory.mktemp("tool-adapter-home")
-    registry = Registry(f"sqlite:///{home / 'registry.db'}", str(home / "artifacts"))
-    registry.register_base("toy", toy_model_dir)
+    registry = toy_registry(home, toy_model_dir)
     for name, d in ((NAME, adapter), (ZERO, zeroed(adapter, home / "zero"))):
         pushed = registry.push(d, name, base="toy", tool_format="hermes", chat_template=HERMES)
         assert pushed.version.tool_format == "hermes"
-    port = free_port()
     # The hermes system prompt with two tools is ~700 tokens of the toy tokenizer; the base
     # parses hermes too (it answers with its own ChatML template, which ignores tools).
-    env = server_env(home, port, LORAPLEX_MAX_MODEL_LEN="1024", LORAPLEX_MAX_LORA_RANK="16",
-                     LORAPLEX_TOOL_FORMAT="hermes")
-    log = home / "server.log"
-    proc = start_server(toy_model_dir, env, log)
-    yield Served(url=f"http://127.0.0.1:{port}", home=home, env=env, registry=registry,
-                 proc=proc, log=log)
-    stop_server(proc)
-    registry.close()
+    with serving(toy_model_dir, home, registry, LORAPLEX_MAX_MODEL_LEN="1024",
+                 LORAPLEX_MAX_LORA_RANK="16", LORAPLEX_TOOL_FORMAT="hermes") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +74,28 @@ def ask(client, messages, tools, model=NAME, **kw):
 def calls_of(choice) -> list[tuple[str, dict]]:
     return [(t.function.name, json.loads(t.function.arguments))
             for t in choice.message.tool_calls or []]
+
+
+class Reassembled:
+    """The tool calls of a streamed answer, put together from its `delta.tool_calls` chunks as
+    a client does (id and name once, arguments in fragments), and its finish reason."""
+
+    def __init__(self) -> None:
+        self.parts: dict[int, dict] = {}
+        self.finish: str | None = None
+
+    def add(self, chunk) -> None:
+        for ch in chunk.choices:
+            self.finish = ch.finish_reason or self.finish
+            for d in ch.delta.tool_calls or []:
+                cur = self.parts.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                cur["id"] = cur["id"] or d.id
+                if d.function:
+                    cur["name"] += d.function.name or ""
+                    cur["arguments"] += d.function.arguments or ""
+
+    def calls(self) -> list[tuple[str, dict]]:
+        return [(v["name"], json.loads(v["arguments"])) for _, v in sorted(self.parts.items())]
 
 
 def test_auto_answers_held_out_weather_questions_with_parsed_tool_calls(server, questions):
@@ -106,22 +119,14 @@ def test_streamed_auto_calls_reassemble_to_the_non_streamed_ones(server, questio
     c = server.client()
     for msgs, tools, _ in questions["weather"][:2] + questions["two"][:1]:
         whole = calls_of(ask(c, msgs, tools, tool_choice="auto").choices[0])
-        parts: dict[int, dict] = {}
-        finish = None
+        got = Reassembled()
         for chunk in ask(c, msgs, tools, tool_choice="auto", stream=True):
-            for ch in chunk.choices:
-                finish = ch.finish_reason or finish
-                for d in ch.delta.tool_calls or []:
-                    cur = parts.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
-                    cur["id"] = cur["id"] or d.id
-                    if d.function:
-                        cur["name"] += d.function.name or ""
-                        cur["arguments"] += d.function.arguments or ""
-        streamed = [(v["name"], json.loads(v["arguments"])) for _, v in sorted(parts.items())]
+            got.add(chunk)
+        streamed = got.calls()
         print(f"\n  streamed {msgs[-1]['content']!r} -> {streamed}")
-        assert finish == "tool_calls"
+        assert got.finish == "tool_calls"
         assert streamed == whole and whole
-        assert all(v["id"] for v in parts.values())
+        assert all(v["id"] for v in got.parts.values())
 
 
 def test_two_towns_make_parallel_calls_and_parallel_tool_calls_false_keeps_one(server, questions):
@@ -190,20 +195,13 @@ def test_async_streamed_parallel_calls_equal_the_sync_ones(server, questions):
     whole = [calls_of(ask(c, m, t, tool_choice="auto").choices[0]) for m, t, _ in qs]
 
     async def one(msgs, tools):
-        parts: dict[int, dict] = {}
-        finish = None
+        got = Reassembled()
         stream = await ac.chat.completions.create(
             model=NAME, messages=msgs, tools=tools, temperature=0, max_tokens=140,
             tool_choice="auto", stream=True)
         async for chunk in stream:
-            for ch in chunk.choices:
-                finish = ch.finish_reason or finish
-                for d in ch.delta.tool_calls or []:
-                    cur = parts.setdefault(d.index, {"name": "", "arguments": ""})
-                    if d.function:
-                        cur["name"] += d.function.name or ""
-                        cur["arguments"] += d.function.arguments or ""
-        return finish, [(v["name"], json.loads(v["arguments"])) for _, v in sorted(parts.items())]
+            got.add(chunk)
+        return got.finish, got.calls()
 
     async def all_of_them():
         return await asyncio.gather(*(one(m, t) for m, t, _ in qs))

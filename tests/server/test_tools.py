@@ -17,9 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from loraplex.adapters.registry import Registry
-from tests.server.conftest import Served, start_server
-from tests.services import free_port, server_env, stop_server
+from tests.server.conftest import Served, serving, toy_registry
 
 pytestmark = pytest.mark.engine
 
@@ -52,8 +50,7 @@ WHITESPACE_FREE = '{"structured_outputs_config": {"backend": "xgrammar", "disabl
 @pytest.fixture(scope="module")
 def tools_server(toy_model_dir, test_loras, tmp_path_factory):
     home = tmp_path_factory.mktemp("tools-home")
-    registry = Registry(f"sqlite:///{home / 'registry.db'}", str(home / "artifacts"))
-    registry.register_base("toy", toy_model_dir)
+    registry = toy_registry(home, toy_model_dir)
     names = {}
     for fmt in ("hermes", "pythonic", "xlam", None):
         names[fmt] = f"tools-{fmt or 'none'}"
@@ -61,15 +58,10 @@ def tools_server(toy_model_dir, test_loras, tmp_path_factory):
         # lists them in the system prompt and writes calls and results.
         registry.push(test_loras["upper"], names[fmt], base="toy", tool_format=fmt,
                       chat_template=HERMES)
-    port = free_port()
     # The hermes system prompt with two tools is ~800 tokens of the toy tokenizer.
-    env = server_env(home, port, LORAPLEX_ENGINE_ARGS=WHITESPACE_FREE, LORAPLEX_MAX_MODEL_LEN="1024")
-    log = home / "server.log"
-    proc = start_server(toy_model_dir, env, log)
-    yield ToolServer(Served(url=f"http://127.0.0.1:{port}", home=home, env=env,
-                            registry=registry, proc=proc, log=log), names)
-    stop_server(proc)
-    registry.close()
+    with serving(toy_model_dir, home, registry, LORAPLEX_ENGINE_ARGS=WHITESPACE_FREE,
+                 LORAPLEX_MAX_MODEL_LEN="1024") as served:
+        yield ToolServer(served, names)
 
 
 def _call(client, model, **kw):
