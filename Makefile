@@ -10,8 +10,9 @@ $(STAMP): pyproject.toml .ci/setup
 
 setup: $(STAMP)
 
+# The demo is a shell script of the commands a user types, with the venv's `loraplex` on PATH.
 demo: $(STAMP)
-	.venv/bin/loraplex demo
+	PATH="$(CURDIR)/.venv/bin:$$PATH" bash examples/demo.sh
 
 # pytest exits 5 when it collected nothing: for us that is a failure, said plainly.
 test: $(STAMP)

@@ -89,6 +89,9 @@ def build_router(require_key) -> APIRouter:
     @r.get("/v1/models/{model_id:path}")
     async def model(model_id: str, s: Serving, request: Request):
         s.chat.check_visible(model_id, request)
+        # As a request naming it would: an adapter pushed since the last poll is looked up now
+        # (`loraplex eval NAME` right after a push), and an unknown one is the same 404.
+        await s.manager.resolve(model_id, None)
         return get_model(s.settings, s.manager, model_id)
 
     return r

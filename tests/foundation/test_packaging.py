@@ -28,7 +28,7 @@ def test_adapters_stays_light(tmp_path):
         "import pkgutil, importlib\n"
         "import loraplex.adapters as pkg\n"
         "for m in pkgutil.iter_modules(pkg.__path__):\n"
-        "    if m.name != 'demo': importlib.import_module('loraplex.adapters.' + m.name)\n"
+        "    importlib.import_module('loraplex.adapters.' + m.name)\n"
         "heavy = [m for m in ('torch', 'vllm', 'peft', 'transformers') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
@@ -72,9 +72,20 @@ def test_cli_lists_commands():
 
 
 def test_readme_commands_match_ci():
-    """The README's test command is what CI runs; its first command sets up and runs the demo."""
+    """The README's test command is what CI runs; its first command sets up and runs the demo
+    (`make demo`: the shell script examples/demo.sh, tested by tests/server/test_demo.py)."""
     readme = (ROOT / "README.md").read_text()
     block = readme.split("```", 2)[1]
     lines = [ln.split("#")[0].strip() for ln in block.splitlines()[1:] if ln.split("#")[0].strip()]
     assert lines == ["make demo", "make test"], lines
     assert (ROOT / ".ci/run").read_text().rstrip().endswith("make test")
+
+
+def test_make_demo_runs_the_demo_script():
+    """`make demo` runs examples/demo.sh (a shell script of loraplex commands; the registry
+    package holds no demo code)."""
+    r = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "bash examples/demo.sh" in r.stdout.splitlines()[-1]
+    assert subprocess.run(["bash", "-n", str(ROOT / "examples" / "demo.sh")]).returncode == 0
+    assert not (ROOT / "adapters" / "demo.py").exists()

@@ -122,7 +122,7 @@ def test_tokenize_detokenize_and_tokenizer_info(fake, toy_model_dir):
     assert client.get("/tokenizer_info", headers={"Authorization": "Bearer bad"}).status_code == 401
 
 
-def test_get_one_model(fake):
+def test_get_one_model(fake, tmp_path, one_step_lora):
     client, _ = fake
     assert client.get("/v1/models/toy").json()["parent"] is None
     one = client.get("/v1/models/upper@1").json()
@@ -130,3 +130,7 @@ def test_get_one_model(fake):
     r = client.get("/v1/models/upper@9")
     assert r.status_code == 404 and "version" in r.json()["error"]["message"]
     assert client.get("/v1/models/nope").status_code == 404
+    # Pushed by another process after the server's snapshot: found now, not at the next poll.
+    Registry(f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "art")).push(
+        one_step_lora, "later", base="toy")
+    assert client.get("/v1/models/later").json()["id"] == "later"

@@ -86,7 +86,8 @@ class ItemResult:
 
 
 def _rate(xs: list[bool]) -> float | None:
-    return round(sum(xs) / len(xs), 4) if xs else None
+    # Unrounded: the table rounds once for display (rounding here too printed 14/27 as 0.518).
+    return sum(xs) / len(xs) if xs else None
 
 
 def figures(results: list[ItemResult], judged: bool = False) -> dict[str, Any]:
