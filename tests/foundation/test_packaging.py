@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -84,7 +85,10 @@ def test_readme_commands_match_ci():
 def test_make_demo_runs_the_demo_script():
     """`make demo` runs examples/demo.sh (a shell script of loraplex commands; the registry
     package holds no demo code)."""
-    r = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True)
+    # Not as a sub-make of `make test` (CI): no "make[1]: Leaving directory" after the recipe.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    r = subprocess.run(["make", "-n", "--no-print-directory", "demo"], cwd=ROOT,
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "bash examples/demo.sh" in r.stdout.splitlines()[-1]
     assert subprocess.run(["bash", "-n", str(ROOT / "examples" / "demo.sh")]).returncode == 0
