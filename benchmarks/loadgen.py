@@ -262,7 +262,7 @@ class Harness:
 
     def start_loraplex(self, base: Path, args: EngineArgs, served_name: str = "toy",
                        poll_interval_s: float = 2.0, name: str = "loraplex",
-                       env_extra: dict[str, str] | None = None):
+                       env_extra: dict[str, str] | None = None, python: str = PY):
         port = free_port()
         home = self.workdir / "home"
         env = base_env(args) | dict(
@@ -277,7 +277,7 @@ class Harness:
             LORAPLEX_CPU_KVCACHE_SPACE_GIB=str(args.kv_cache_gib), LORAPLEX_ENFORCE_EAGER="true",
             LORAPLEX_POLL_INTERVAL_S=str(poll_interval_s), LORAPLEX_API_KEYS="",
         ) | (env_extra or {})
-        proc = self.spawn(name, [PY, "-m", "loraplex.adapters.cli", "serve", "--model", str(base),
+        proc = self.spawn(name, [python, "-m", "loraplex.adapters.cli", "serve", "--model", str(base),
                                  "--log-level", "warning"], env)
         return proc, f"http://127.0.0.1:{port}"
 

@@ -263,13 +263,19 @@ def scrape(root_url: str) -> dict:
 
     text = httpx.get(root_url + "/metrics", timeout=30).text
     out = {"loads_ok": None, "loads_error": None, "cache_hits": None,
-           "resident": {}, "other_lora_loads": None}
+           "resident": {}, "other_lora_loads": None, "reads_prefetched": None,
+           "reads_blocking": None, "step_wait_s": None}
     families = list(text_string_to_metric_families(text))
     for fam in families:
         for s in fam.samples:
             if s.name == "loraplex_adapter_loads_total":
                 key = "loads_ok" if s.labels.get("result") == "ok" else "loads_error"
                 out[key] = (out[key] or 0.0) + s.value
+            elif s.name == "loraplex_engine_adapter_reads_total":
+                key = f"reads_{s.labels.get('how')}"
+                out[key] = (out.get(key) or 0.0) + s.value
+            elif s.name == "loraplex_engine_adapter_step_wait_seconds_total":
+                out["step_wait_s"] = s.value
             elif s.name == "loraplex_adapter_cache_hits_total":
                 out["cache_hits"] = (out["cache_hits"] or 0.0) + s.value
             elif s.name == "loraplex_adapter_resident" and s.value:
@@ -294,6 +300,8 @@ def scrape_delta(before: dict, after: dict, wall_s: float) -> dict:
     loads = d("loads_ok") if before.get("loads_ok") is not None else d("other_lora_loads")
     hits = d("cache_hits")
     return {"loads": loads,
+            "reads_prefetched": d("reads_prefetched"), "reads_blocking": d("reads_blocking"),
+            "step_wait_s": d("step_wait_s"),
             "loads_per_min": None if loads is None else 60 * loads / wall_s,
             "hit_rate": (None if hits is None or loads is None or hits + loads == 0
                          else hits / (hits + loads)),
@@ -310,6 +318,27 @@ def api_cpu_seconds(proc) -> float:
         return t.user + t.system
     except psutil.Error:
         return float("nan")
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, str]]]:
+    """'LABEL=K=V,K2=V2,python=PATH' -> (LABEL, (python, {K: V, K2: V2}))."""
+    label, _, spec = text.partition("=")
+    if not label or not spec:
+        raise ValueError(f"--variant {text!r}: give LABEL=SPEC, e.g. "
+                         "no-prefetch=LORAPLEX_LORA_PREFETCH=false")
+    python, env = loadgen.PY, {}
+    for item in spec.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--variant {text!r}: {item!r} is not KEY=VALUE")
+        if key == "python":
+            python = value
+        elif key.isupper() and key.replace("_", "").isalnum():
+            env[key] = value  # a LORAPLEX_* setting, or any variable (OMP_WAIT_POLICY, ...)
+        else:
+            raise ValueError(f"--variant {text!r}: {key!r} is neither python nor an "
+                             "environment variable name")
+    return label, (python, env)
 
 
 # -- the rounds ------------------------------------------------------------------------------------
@@ -341,6 +370,15 @@ def measure(loads: dict[str, tuple], rounds: int, a) -> dict[str, list[Result]]:
                   f"(front {res.api_cpu_ms_per_token:.2f}) ms/tok  all-at-once streams "
                   f"{res.all_at_once()}  ({time.strftime('%H:%M:%S')})", flush=True)
     return out
+
+
+def engine_reads(m: list[dict]) -> str:
+    """Median per load of loraplex's engine adapter reads: 'prefetched / blocking (step wait)'."""
+    pre, blk, wait = (med([x.get(k) for x in m]) for k in
+                      ("reads_prefetched", "reads_blocking", "step_wait_s"))
+    if pre is None and blk is None:
+        return "n/a"
+    return f"{fmt(pre, '.0f')} / {fmt(blk, '.0f')} ({fmt(wait, '.2f')})"
 
 
 def rarest(res: Result) -> tuple[int, float]:
@@ -392,12 +430,21 @@ def main() -> int:
                    help="VLLM_ENABLE_V1_MULTIPROCESSING on both sides (1: vLLM's default)")
     p.add_argument("--quick", action="store_true",
                    help="smoke configuration: 12 adapters, 40 requests, 1 round, no warm round")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=SPEC",
+                   help="also run loraplex as LABEL on the Zipf load, side by side: SPEC is "
+                   "comma-separated environment settings (LORAPLEX_*=VALUE or any other "
+                   "variable) and/or python=PATH (another checkout's venv), e.g. "
+                   "no-prefetch=LORAPLEX_LORA_PREFETCH=false")
     p.add_argument("--json", type=Path, help="also write every measurement here")
     a = p.parse_args()
     if a.quick:
         a.adapters, a.requests, a.rounds, a.warm_rounds = 12, 40, 1, 0
     alpha = parse_alpha(a.alpha)
     ranks = [int(r) for r in a.ranks.split(",")]
+    try:
+        variants = dict(parse_variant(v) for v in a.variant)
+    except ValueError as exc:
+        p.error(str(exc))
     if a.max_cpu_loras < a.max_loras:
         p.error("--max-cpu-loras must be >= --max-loras (vLLM requires it)")
 
@@ -427,6 +474,12 @@ def main() -> int:
             print(f"loraplex ready in {h.wait_ready(lp, lurl + '/ready', 900):.0f}s", flush=True)
             print(f"vLLM ready in {h.wait_ready(vp, vurl + '/health', 900):.0f}s", flush=True)
             servers = {"loraplex": (lurl + "/v1", lp), "vllm": (vurl + "/v1", vp)}
+            extra = {}  # variants: the Zipf load only
+            for label, (python, env) in variants.items():
+                env = {"LORAPLEX_ADAPTER_CACHE_DIR": str(workdir / f"cache-{label}"), **env}
+                xp, xurl = h.start_loraplex(base, args, name=label, env_extra=env, python=python)
+                print(f"{label} ready in {h.wait_ready(xp, xurl + '/ready', 900):.0f}s", flush=True)
+                extra[label] = (xurl + "/v1", xp)
 
             zipf = make_requests([names[i] for i in idx], [decile(i, a.adapters) for i in idx])
             one = make_requests([names[0]] * a.requests, [1] * a.requests)
@@ -434,10 +487,12 @@ def main() -> int:
             for w, reqs in (("zipf", zipf), ("1 adapter", one)):
                 for s, (url, proc) in servers.items():
                     loads[f"{s} {w}"] = (url, reqs, proc)
+            for label, (url, proc) in extra.items():
+                loads[f"{label} zipf"] = (url, zipf, proc)
 
             t0 = time.time()
             every = make_requests(names, [decile(i, a.adapters) for i in range(a.adapters)])
-            for url, _ in servers.values():  # every adapter once: fetched, first calls made
+            for url, _ in [*servers.values(), *extra.values()]:  # every adapter once
                 asyncio.run(run_load(url, every, 4, concurrency=min(32, a.adapters)))
             for _ in range(a.warm_rounds):
                 for url, reqs, _ in loads.values():
@@ -482,13 +537,15 @@ def report(a, res: dict[str, list[Result]], machine: str, args: EngineArgs, dist
             if res_after else "n/a",
             f"{median([r.cpu_ms_per_token for r in rs]):.2f}",
             f"{median([r.api_cpu_ms_per_token for r in rs]):.2f}",
-            f"{sum(r.all_at_once() for r in rs)} / {sum(len(r.records) for r in rs)}"])
+            f"{sum(r.all_at_once() for r in rs)} / {sum(len(r.records) for r in rs)}",
+            engine_reads(m)])
     main_table = table(["load", "output tok/s", "TTFT p50 ms", "TTFT p99 ms",
                         "TTFT p99 after the first wave ms", "latency p50 ms",
                         "latency p99 ms", "rarest-decile TTFT p99 ms", "adapter loads / min",
                         "adapter already loaded", "resident after (accel/host/disk)",
                         "server CPU ms / token", "front process CPU ms / token",
-                        "all-at-once streams"], rows)
+                        "all-at-once streams",
+                        "engine adapter reads prefetched / blocking (step wait s)"], rows)
 
     z = res["loraplex zipf"][0].by_decile()
     drows = []
@@ -537,6 +594,13 @@ def report(a, res: dict[str, list[Result]], machine: str, args: EngineArgs, dist
             ["loraplex ÷ vLLM, one adapter: TTFT p99 after the first wave",
              f"{ratio(res, 'loraplex 1 adapter', 'vllm 1 adapter', steady):.3f}", "(diagnostic)"],
         ]
+    standard = {"loraplex zipf", "vllm zipf", "loraplex 1 adapter", "vllm 1 adapter"}
+    for n in [n for n in res if n not in standard]:
+        label = n.removesuffix(" zipf")
+        rat += [[f"{label} ÷ loraplex, Zipf: {what}",
+                 f"{ratio(res, n, 'loraplex zipf', key):.3f}", "(variant)"]
+                for what, key in (("tok/s", tok), ("TTFT p99", t99),
+                                  ("rarest-decile TTFT p99", rare))]
     rat_table = table(["ratio (median of per-round ratios)", "measured", "target"], rat)
 
     load1, load5, load15 = os.getloadavg()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -74,7 +75,23 @@ def _surfaces(settings: ServerSettings, engine: Engine, manager: AdapterManager,
                     settings=settings, manager=manager)
 
 
-def create_app(settings: ServerSettings, engine: Engine, registry: Registry | None = None) -> FastAPI:
+def freeze_startup_heap() -> None:
+    """Move everything the start allocated (vLLM, torch, transformers, the tokenizer: millions
+    of objects) out of the garbage collector's sight, as vLLM's own server does after start.
+
+    Otherwise a burst of requests, which allocates enough to trigger a full collection, stops
+    the event loop while that collection walks the whole heap: 1-2 s on a busy 2-CPU machine,
+    every stream paused and every token of the requests that arrived meanwhile delivered at
+    once (docs/benchmarks.md, issue 15). Only for a process that serves until it exits: frozen
+    objects are never collected (`gc.unfreeze()` on shutdown gives them back)."""
+    gc.collect()
+    gc.freeze()
+
+
+def create_app(settings: ServerSettings, engine: Engine, registry: Registry | None = None,
+               freeze_gc: bool = False) -> FastAPI:
+    """`freeze_gc`: `freeze_startup_heap()` once started (`loraplex serve`; not for tests that
+    start many apps in one process)."""
     state = State(settings=settings, engine=engine, metrics=Metrics())
     keys = KeyStore.from_settings(settings)  # a bad keys file stops the start, named
 
@@ -89,7 +106,11 @@ def create_app(settings: ServerSettings, engine: Engine, registry: Registry | No
                  settings.model, state.manager.snapshot.revision)
         reload = (asyncio.create_task(_reload_keys(keys, settings.poll_interval_s))
                   if settings.keys_file else None)
+        if freeze_gc:
+            freeze_startup_heap()
         yield
+        if freeze_gc:
+            gc.unfreeze()
         if reload is not None:
             reload.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -121,7 +121,7 @@ def serve(args: argparse.Namespace) -> int:
         logging.getLogger("loraplex.serve").info("model %s -> %s", settings.model, model)
     settings = settings.model_copy(update={"model": model})
     engine = VllmEngine(settings)
-    app = create_app(settings, engine)
+    app = create_app(settings, engine, freeze_gc=True)
     # Graceful shutdown: on SIGTERM uvicorn closes the listening socket (new work is refused,
     # so readiness fails), lets in-flight streams finish (up to drain_timeout_s), then runs the
     # lifespan shutdown. Afterwards it re-raises the captured SIGTERM under the handler that

@@ -15,6 +15,10 @@
   adapter's files from `LoraRef.path` when it has dropped it from its host cache and a request
   needs it again. Evicting drops the version from `loaded`, so its next request loads it again
   (fetch, then `add_lora`, which for an id vLLM still holds only touches it).
+- Prefetch: a request for an adapter that is probably not in vLLM's host LRU announces it to
+  the engine first, which reads its files on a worker thread while the request waits for a
+  slot, not inside the step that schedules it (`_prefetch`; the worker side is in
+  engine/core.py; `lora_prefetch` turns it off).
 - `update_residency` (each /metrics scrape) also sets the LoRA-affinity series the Gateway API
   Inference Extension's endpoint picker reads (`vllm:lora_requests_info`): see
   `lora_requests_info`.
@@ -27,6 +31,7 @@ import errno
 import logging
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +82,10 @@ class AdapterManager:
         self._uses: dict[int, int] = {}
         self.cache = DiskCache(settings.cache_dir, settings.adapter_cache_bytes,
                                self._evictable, self._evicted)
+        # What the engine's host LRU probably holds (ids, least recently used first): a
+        # request for anything else announces its adapter to the engine (`_prefetch`).
+        self._host: OrderedDict[int, None] = OrderedDict()
+        self._tasks: set[asyncio.Task] = set()
         self._names: tuple[RegistrySnapshot, dict[int, list[str]], dict[str, int]] | None = None
         self._refresh_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
@@ -160,10 +169,27 @@ class AdapterManager:
         i = v.lora_int_id
         self._uses[i] = self._uses.get(i, 0) + 1
         try:
-            return await self.ensure_loaded(v)
+            ref = await self.ensure_loaded(v)
         except BaseException:
             self.release(v)
             raise
+        self._prefetch(ref)
+        return ref
+
+    def _prefetch(self, ref: LoraRef) -> None:
+        """Announce `ref` to the engine before its request goes in, unless it is among the
+        `max_cpu_loras` adapters most recently asked for (so, very probably, in the engine's
+        host LRU: vLLM orders it by use too). The engine then reads it from disk on a thread
+        while the request waits for its step, instead of inside that step, where every request
+        in the batch would wait for the read. A wrong guess costs one message between steps
+        (announced but resident) or the read vLLM would have done anyway (not announced)."""
+        if self._in_host(ref.int_id):
+            return
+        prefetch = getattr(self.engine, "prefetch_lora", None)
+        if self.settings.lora_prefetch and prefetch is not None:
+            task = asyncio.create_task(prefetch(ref))
+            self._tasks.add(task)  # a reference, or the loop may drop the task
+            task.add_done_callback(self._tasks.discard)
 
     def release(self, v: AdapterVersion) -> None:
         i = v.lora_int_id
@@ -175,6 +201,16 @@ class AdapterManager:
         # Over the cap because everything was held (concurrent loads): back under it now that
         # this one is free, not at the next load.
         self.cache.trim_soon()
+
+    def _in_host(self, int_id: int) -> bool:
+        """Whether `int_id` was among the `max_cpu_loras` most recently used; now it is."""
+        host = self._host
+        was = int_id in host
+        host[int_id] = None
+        host.move_to_end(int_id)
+        while len(host) > self.settings.max_cpu_loras:
+            host.popitem(last=False)
+        return was
 
     async def ensure_loaded(self, v: AdapterVersion) -> LoraRef:
         hit = self.loaded.get(v.lora_int_id)
@@ -202,6 +238,7 @@ class AdapterManager:
             # For an id vLLM still holds (its copy was evicted from disk, not from the
             # engine), add_lora only touches it in vLLM's LRU: the same path, nothing re-read.
             await self.engine.add_lora(ref)
+            self._in_host(v.lora_int_id)  # add_lora put it in the host LRU: no prefetch
             self.loaded[v.lora_int_id] = _Loaded(ref=ref, version=v, entry=path.name)
             self.metrics.load_seconds.labels(*labels).observe(time.perf_counter() - t0)
             self.metrics.loads.labels(*labels, "ok").inc()
@@ -373,6 +410,9 @@ class AdapterManager:
             if self._cache_path(v).name in self.cache:
                 tiers["disk"].append((v.name, v.version))
         self.metrics.set_residency(tiers)
+        loads = getattr(self.engine, "lora_loads", None)
+        if loads:
+            self.metrics.set_engine_reads(loads)
         hot = {i for i, where in engine_view.items() if "accelerator" in where}
         self.metrics.set_lora_info(*self.lora_requests_info(hot, self.metrics.engine_lora_requests()))
 

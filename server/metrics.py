@@ -67,6 +67,20 @@ class Metrics:
             "(accelerator: in one of the engine's max_loras batch slots; host: in the engine's "
             "host-memory adapter cache; disk: in the server's local disk cache).",
             [*LABELS, "tier"], registry=r)
+        self.engine_reads = Counter(
+            "loraplex_engine_adapter_reads", "Adapter reads from disk into the engine's host "
+            "cache (vLLM's max_cpu_loras LRU), by how: prefetched (on a worker thread, started "
+            "as the request arrived) or blocking (by the engine thread: inside the step that "
+            "scheduled it, or on a first load).",
+            ["how"], registry=r)
+        self.engine_read_seconds = Counter(
+            "loraplex_engine_adapter_read_seconds", "Time the engine spent reading adapters "
+            "from disk (either way).", registry=r)
+        self.engine_step_wait_seconds = Counter(
+            "loraplex_engine_adapter_step_wait_seconds", "Time engine steps waited for "
+            "adapter reads (all of an in_step read; what was left of a prefetched one).",
+            registry=r)
+        self._engine_seen: dict[str, float] = {}
         self.in_flight = Gauge(
             "loraplex_requests_in_flight", "Requests being served now.", registry=r)
         self.registry_revision = Gauge(
@@ -105,6 +119,18 @@ class Metrics:
             return {n.strip() for n in latest.labels.get(label, "").split(",") if n.strip()}
 
         return names("running_lora_adapters"), names("waiting_lora_adapters")
+
+    def set_engine_reads(self, loads: dict[str, float]) -> None:
+        """The engine's cumulative read counts (`VllmEngine.lora_loads`) into the counters."""
+        def add(counter, key):
+            delta = loads.get(key, 0) - self._engine_seen.get(key, 0)
+            if delta > 0:  # a restarted engine starts from 0 again: wait until it passes
+                counter.inc(delta)
+                self._engine_seen[key] = loads[key]
+        add(self.engine_reads.labels("prefetched"), "prefetched")
+        add(self.engine_reads.labels("blocking"), "on_step")
+        add(self.engine_read_seconds, "seconds")
+        add(self.engine_step_wait_seconds, "step_wait_seconds")
 
     def set_residency(self, tiers: dict[str, list[tuple[str, int]]]) -> None:
         self.resident.clear()

@@ -86,6 +86,9 @@ class ServerSettings(RegistrySettings):
     adapter_cache_dir: Path | None = Field(default=None, description="Default <home>/cache.")
     adapter_cache_bytes: int = Field(default=20 << 30, ge=1 << 20, description="Disk cache cap.")
     preload: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Refs to load (and pin) at start.")
+    lora_prefetch: bool = Field(
+        default=True, description="Read an adapter missing from the engine's host cache on a worker thread as its request arrives, not inside the step that schedules it."
+    )
 
     # -- admission --
     max_queue: int = Field(default=256, ge=1, description="In-flight requests before 429.")

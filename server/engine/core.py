@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -189,6 +190,12 @@ def apply_vllm_fixes() -> None:
     # A method *name* is the one form of collective_rpc that works both in-process and across
     # vLLM's worker processes (a pickled function gets pickled twice on the multiprocess path).
     WorkerBase.loraplex_lora_residency = _worker_lora_residency
+    WorkerBase.loraplex_prefetch_lora = _worker_prefetch_lora
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    if not _ORIGINAL_LOAD:
+        _ORIGINAL_LOAD.append(WorkerLoRAManager._load_adapter)
+        WorkerLoRAManager._load_adapter = _load_adapter_prefetched
     if not current_platform.is_cpu():
         return
     import vllm.lora.ops.torch_ops as ops_pkg
@@ -222,6 +229,9 @@ class VllmEngine:
         self.cpu_kvcache_space_gib = settings.cpu_kvcache_space_gib
         self.max_model_len = settings.max_model_len or 0  # the engine's own value once started
         self._llm = None
+        # The engine's adapter reads from disk (counts and seconds), as of the last
+        # lora_residency() call; None until then or when the engine cannot tell.
+        self.lora_loads: dict[str, float] | None = None
 
     async def start(self) -> None:
         if self.cpu_kvcache_space_gib is not None:
@@ -290,10 +300,22 @@ class VllmEngine:
         for worker in per_worker:
             if worker is None:
                 return None
-            for tier, ids in worker.items():
-                for i in ids:
+            for tier in ("accelerator", "host"):
+                for i in worker.get(tier, ()):
                     out.setdefault(int(i), set()).add(tier)
+        # Every worker of a tensor-parallel group reads its own shard of each adapter at the
+        # same moment: the first worker's counts are the engine's.
+        self.lora_loads = per_worker[0].get("loads") if per_worker else None
         return out
+
+    async def prefetch_lora(self, lora: LoraRef) -> None:
+        # Sent before the request that needs it: the engine core runs it between steps, ahead
+        # of that request (see _worker_prefetch_lora).
+        try:
+            await self._llm.collective_rpc("loraplex_prefetch_lora",
+                                           args=(lora.key, lora.int_id, lora.path))
+        except Exception as exc:  # an optimisation: the step reads it itself
+            log.debug("prefetch of %s failed: %s", lora.key, exc)
 
     # -- generation ---------------------------------------------------------------------
     def _sampling_params(self, req: GenRequest):
@@ -390,14 +412,84 @@ class VllmEngine:
         await self._llm.abort(request_id)
 
 
-def _worker_lora_residency(worker) -> dict[str, list[int]] | None:
-    """Runs inside a vLLM worker: ids in the accelerator batch slots and in the host LRU."""
+def _worker_lora_residency(worker) -> dict[str, Any] | None:
+    """Runs inside a vLLM worker: ids in the accelerator batch slots and in the host LRU, and
+    this worker's adapter loads from disk (`_LOADS`)."""
     try:
         mgr = worker.model_runner.lora_manager._adapter_manager
         return {"accelerator": list(mgr._active_adapters.cache),
-                "host": list(mgr._registered_adapters.cache)}
+                "host": list(mgr._registered_adapters.cache), "loads": dict(_LOADS)}
     except AttributeError:
         return None
+
+
+# -- adapter prefetch, inside each vLLM worker ----------------------------------------------------
+# vLLM reads an adapter's files (safetensors -> LoRAModel) when a step first schedules a request
+# for it and the adapter is not in the worker's host LRU (`max_cpu_loras`): inside that step, so
+# every request in the batch waits for the read. With many adapters and skewed traffic that is
+# most steps that admit a rare adapter. The server announces each adapter it is about to submit
+# (`prefetch_lora`, sent ahead of the request); a worker that does not hold it starts the read
+# on a thread of its own, which runs beside the steps (the model's kernels release the GIL), and
+# the step that needs it takes the result, waiting only for what is left of the read.
+_LOADS = {"on_step": 0, "prefetched": 0, "seconds": 0.0, "step_wait_seconds": 0.0}
+_PREFETCHED: dict[int, Any] = {}  # lora int id -> (path, Future[LoRAModel]), insertion-ordered
+_MAX_PREFETCHED = 64  # announced but never scheduled (aborted requests): dropped, oldest first
+_pool = None
+
+
+def _worker_prefetch_lora(worker, name: str, int_id: int, path: str) -> bool:
+    """Runs inside a vLLM worker (between steps): start reading the adapter unless it is in the
+    host LRU or already being read. True if a read started."""
+    global _pool
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vllm.lora.request import LoRARequest
+
+    wm = getattr(worker.model_runner, "lora_manager", None)
+    if wm is None or int_id in wm.list_adapters() or int_id in _PREFETCHED:
+        return False
+    if _pool is None:
+        _pool = ThreadPoolExecutor(1, thread_name_prefix="loraplex-lora-prefetch")
+    req = LoRARequest(lora_name=name, lora_int_id=int_id, lora_path=path)
+    _PREFETCHED[int_id] = (path, _pool.submit(_timed_read, wm, req))
+    while len(_PREFETCHED) > _MAX_PREFETCHED:
+        _PREFETCHED.pop(next(iter(_PREFETCHED)))
+    return True
+
+
+def _timed_read(wm, req):
+    t0 = time.perf_counter()
+    lora = _ORIGINAL_LOAD[0](wm, req)
+    _LOADS["seconds"] += time.perf_counter() - t0
+    return lora
+
+
+def _load_adapter_prefetched(self, lora_request):
+    """`WorkerLoRAManager._load_adapter`, taking a prefetched read when there is one (for the
+    same files); otherwise vLLM's own read, counted. A failed prefetch reads again here, so the
+    error a bad adapter gets is vLLM's own, raised where vLLM raises it."""
+    got = _PREFETCHED.pop(lora_request.lora_int_id, None)
+    if got is not None and got[0] == lora_request.lora_path and not lora_request.load_inplace:
+        t0 = time.perf_counter()
+        try:
+            lora = got[1].result()
+        except Exception:  # noqa: BLE001 - read again below, where vLLM reports it
+            pass
+        else:
+            _LOADS["prefetched"] += 1
+            _LOADS["step_wait_seconds"] += time.perf_counter() - t0
+            return lora
+    _LOADS["on_step"] += 1
+    t0 = time.perf_counter()
+    try:
+        return _ORIGINAL_LOAD[0](self, lora_request)
+    finally:
+        dt = time.perf_counter() - t0
+        _LOADS["seconds"] += dt
+        _LOADS["step_wait_seconds"] += dt
+
+
+_ORIGINAL_LOAD: list = []
 
 
 def _token_logprob(token_id: int, alternatives: dict, k: int) -> TokenLogprob:

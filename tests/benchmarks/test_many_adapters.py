@@ -97,6 +97,23 @@ def test_scrape_delta():
     assert d["hit_rate"] == pytest.approx(94 / 100)
     none = {"loads_ok": None, "cache_hits": None, "other_lora_loads": None, "resident": {}}
     assert ma.scrape_delta(none, none, 30.0)["loads_per_min"] is None  # vLLM's server: n/a
+    reads0 = {**before, "reads_prefetched": 4.0, "reads_blocking": 2.0, "step_wait_s": 0.5}
+    reads1 = {**after, "reads_prefetched": 14.0, "reads_blocking": 3.0, "step_wait_s": 0.75}
+    d = ma.scrape_delta(reads0, reads1, 30.0)
+    assert (d["reads_prefetched"], d["reads_blocking"], d["step_wait_s"]) == (10.0, 1.0, 0.25)
+    assert ma.engine_reads([d, d]) == "10 / 1 (0.25)"
+    assert ma.engine_reads([ma.scrape_delta(none, none, 30.0)]) == "n/a"
+
+
+def test_parse_variant():
+    assert ma.parse_variant("off=LORAPLEX_LORA_PREFETCH=false") == (
+        "off", (sys.executable, {"LORAPLEX_LORA_PREFETCH": "false"}))
+    assert ma.parse_variant("old=python=/x/bin/python,LORAPLEX_MAX_QUEUE=9") == (
+        "old", ("/x/bin/python", {"LORAPLEX_MAX_QUEUE": "9"}))
+    assert ma.parse_variant("p=OMP_WAIT_POLICY=PASSIVE")[1][1] == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for bad in ("off", "off=", "off=prefetch=0", "off=LORAPLEX_X", "off=A-B=1"):
+        with pytest.raises(ValueError):
+            ma.parse_variant(bad)
 
 
 @pytest.mark.slow
@@ -124,7 +141,8 @@ def test_report_renders_every_table():
 
     res = {n: [result(s), result(s)] for n, s in (("loraplex zipf", 1.0), ("vllm zipf", 2.0),
                                                    ("loraplex 1 adapter", 1.0),
-                                                   ("vllm 1 adapter", 1.0))}
+                                                   ("vllm 1 adapter", 1.0),
+                                                   ("off zipf", 0.5))}
     a = argparse.Namespace(adapters=20, alpha="1.0", max_loras=8, max_cpu_loras=4, rate=None,
                            concurrency=8,
                            requests=60, ranks="8,16", max_tokens=16, rounds=2, warm_rounds=1)
@@ -135,6 +153,8 @@ def test_report_renders_every_table():
     assert "| 10 | a18–a19 |" in out
     assert "after the first wave" in out
     assert "would miss 100.0% of them" in out
+    assert "| off ÷ loraplex, Zipf: tok/s | 2.000 | (variant) |" in out
+    assert "| off zipf |" in out
 
 
 def test_lru_misses_model():

@@ -149,3 +149,12 @@ def test_answers_stay_right_while_adapters_churn(served, test_loras, task_prompt
     assert len(results) >= 500 and len(served_versions) > 8  # more than the host slots
     assert churned["pushed"] and churned["alias moved"] and churned["unloaded"]
     assert not wrong, wrong[:5]
+    # ... with the engine's host cache (8) too small for the versions in use, the reads of
+    # evicted adapters went through the prefetch path (a worker thread, started as their
+    # requests arrived: server/lora_manager.py `_prefetch`), and none of them changed an answer.
+    metrics = httpx.get(f"{served.url}/metrics", headers=headers).text
+    reads = {how: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+             for how in ("prefetched", "blocking")
+             if line.startswith(f'loraplex_engine_adapter_reads_total{{how="{how}"}}')}
+    print(f"engine adapter reads: {reads}")
+    assert reads["prefetched"] > 0, reads
