@@ -86,6 +86,12 @@ class ServerSettings(RegistrySettings):
     adapter_cache_dir: Path | None = Field(default=None, description="Default <home>/cache.")
     adapter_cache_bytes: int = Field(default=20 << 30, ge=1 << 20, description="Disk cache cap.")
     preload: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Refs to load (and pin) at start.")
+    lora_slot_gate: bool = Field(
+        default=False, description="Hand the engine requests for at most max_loras adapters at once; a freed slot goes to the adapter with the most waiting requests (server/slot_gate.py)."
+    )
+    lora_slot_deadline_s: float = Field(
+        default=2.0, gt=0, description="With lora_slot_gate: a request waiting this long for a slot goes next."
+    )
     lora_prefetch: bool = Field(
         default=True, description="Read an adapter missing from the engine's host cache on a worker thread as its request arrives, not inside the step that schedules it."
     )

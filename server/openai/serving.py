@@ -32,6 +32,7 @@ from loraplex.server.interface import Chunk, Engine, GenRequest, SamplingSpec, T
 from loraplex.server.lora_manager import AdapterManager
 from loraplex.server.metrics import Metrics
 from loraplex.server.settings import ServerSettings
+from loraplex.server.slot_gate import SlotGate
 
 log = logging.getLogger("loraplex.serving")
 MODEL_HEADER = "x-loraplex-model"  # the version that answered (`name@N`, or the base's name)
@@ -46,6 +47,9 @@ class Admission:
         self.metrics = metrics
         self.limiter = limiter
         self.in_flight = 0
+        # LoRA-aware admission (server/slot_gate.py), shared by every surface like the count.
+        self.slots = (SlotGate(settings.max_loras, settings.lora_slot_deadline_s)
+                      if settings.lora_slot_gate else None)
 
     def admit(self, labels: tuple[str, str], endpoint: str,
               principal: Principal | None) -> InFlight:
@@ -262,6 +266,11 @@ class ServingBase:
                 # which the engine may read again, is not evicted meanwhile.
                 lora = await self.manager.acquire(p.version)
                 guard.on_release = functools.partial(self.manager.release, p.version)
+                slots = self.admission.slots
+                if slots is not None:  # waits here while `max_loras` other adapters run
+                    await slots.enter(lora.int_id)
+                    guard.on_release = functools.partial(
+                        _release_both, slots, lora.int_id, self.manager, p.version)
             for gen in p.gens:
                 gen.lora = lora
             chunks = self._chunks(p.gens, guard)
@@ -361,6 +370,11 @@ class ServingBase:
                                      "code": None}})
         if f.done:
             yield b"data: [DONE]\n\n"
+
+
+def _release_both(slots, int_id: int, manager, version) -> None:
+    slots.leave(int_id)
+    manager.release(version)
 
 
 async def _until_disconnected(coro, raw: Request):
