@@ -78,7 +78,7 @@ class Metrics:
             "from disk (either way).", registry=r)
         self.engine_step_wait_seconds = Counter(
             "loraplex_engine_adapter_step_wait_seconds", "Time engine steps waited for "
-            "adapter reads (all of an in_step read; what was left of a prefetched one).",
+            "adapter reads (all of a blocking read; what was left of a prefetched one).",
             registry=r)
         self._engine_seen: dict[str, float] = {}
         self.in_flight = Gauge(
@@ -128,7 +128,7 @@ class Metrics:
                 counter.inc(delta)
                 self._engine_seen[key] = loads[key]
         add(self.engine_reads.labels("prefetched"), "prefetched")
-        add(self.engine_reads.labels("blocking"), "on_step")
+        add(self.engine_reads.labels("blocking"), "blocking")
         add(self.engine_read_seconds, "seconds")
         add(self.engine_step_wait_seconds, "step_wait_seconds")
 

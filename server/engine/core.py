@@ -431,7 +431,7 @@ def _worker_lora_residency(worker) -> dict[str, Any] | None:
 # (`prefetch_lora`, sent ahead of the request); a worker that does not hold it starts the read
 # on a thread of its own, which runs beside the steps (the model's kernels release the GIL), and
 # the step that needs it takes the result, waiting only for what is left of the read.
-_LOADS = {"on_step": 0, "prefetched": 0, "seconds": 0.0, "step_wait_seconds": 0.0}
+_LOADS = {"blocking": 0, "prefetched": 0, "seconds": 0.0, "step_wait_seconds": 0.0}
 _PREFETCHED: dict[int, Any] = {}  # lora int id -> (path, Future[LoRAModel]), insertion-ordered
 _MAX_PREFETCHED = 64  # announced but never scheduled (aborted requests): dropped, oldest first
 _pool = None
@@ -479,7 +479,7 @@ def _load_adapter_prefetched(self, lora_request):
             _LOADS["prefetched"] += 1
             _LOADS["step_wait_seconds"] += time.perf_counter() - t0
             return lora
-    _LOADS["on_step"] += 1
+    _LOADS["blocking"] += 1
     t0 = time.perf_counter()
     try:
         return _ORIGINAL_LOAD[0](self, lora_request)
