@@ -40,6 +40,7 @@ from loraplex.adapters.errors import (
     AdapterIncompatible,
     AdapterInvalid,
     AdapterNotFound,
+    Conflict,
     LoraplexError,
     NotReady,
     StoreUnavailable,
@@ -361,10 +362,31 @@ class AdapterManager:
 
     # -- admin verbs ----------------------------------------------------------------------
     async def pin(self, v: AdapterVersion) -> LoraRef:
+        """Keep `v` in vLLM's host LRU (not a batch slot: see VllmEngine.pin_lora).
+
+        At most max_cpu_loras - max_loras adapters are pinned: the host LRU must still take a
+        full batch of unpinned adapters, or the step that schedules one fails in the engine."""
         ref = await self.acquire(v)  # held: not evicted between its load and the pin
         try:
-            await self.engine.pin_lora(ref)
-            self.loaded[v.lora_int_id].pinned = True
+            hit = self.loaded[v.lora_int_id]
+            if hit.pinned:
+                return ref
+            pinned = sorted(h.version.ref for h in self.loaded.values() if h.pinned)
+            cpu, gpu = self.settings.max_cpu_loras, self.settings.max_loras
+            room = max(cpu - gpu, 0)
+            if len(pinned) >= room:
+                raise Conflict(
+                    f"cannot pin {v.ref}: {len(pinned)} adapter(s) are pinned "
+                    f"({', '.join(pinned) or 'none'}) and at most max_cpu_loras - max_loras = "
+                    f"{cpu} - {gpu} = {room} may be, so that a full batch of other adapters "
+                    "still fits in host memory; unpin one (POST /admin/adapters/<ref>/unpin) "
+                    "or raise LORAPLEX_MAX_CPU_LORAS", param="ref")
+            hit.pinned = True  # before the await: a concurrent pin counts this one
+            try:
+                await self.engine.pin_lora(ref)
+            except BaseException:
+                hit.pinned = False
+                raise
         finally:
             self.release(v)
         return ref

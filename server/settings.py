@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from loraplex.adapters.settings import RegistrySettings
@@ -122,6 +122,18 @@ class ServerSettings(RegistrySettings):
         if isinstance(v, str):
             return [x.strip() for x in v.split(",") if x.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _preload_fits(self):
+        # Preloaded adapters are pinned in vLLM's host LRU, which must still take a full batch
+        # of other adapters (AdapterManager.pin).
+        room = max(self.max_cpu_loras - self.max_loras, 0)
+        if len(self.preload) > room:
+            raise ValueError(
+                f"preload names {len(self.preload)} adapters and at most max_cpu_loras - "
+                f"max_loras = {self.max_cpu_loras} - {self.max_loras} = {room} can be pinned; "
+                "raise LORAPLEX_MAX_CPU_LORAS or preload fewer")
+        return self
 
     @field_validator("tool_format")
     @classmethod

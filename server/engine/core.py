@@ -191,6 +191,7 @@ def apply_vllm_fixes() -> None:
     # vLLM's worker processes (a pickled function gets pickled twice on the multiprocess path).
     WorkerBase.loraplex_lora_residency = _worker_lora_residency
     WorkerBase.loraplex_prefetch_lora = _worker_prefetch_lora
+    WorkerBase.loraplex_pin_lora = _worker_pin_lora
     from vllm.lora.worker_manager import WorkerLoRAManager
 
     if not _ORIGINAL_LOAD:
@@ -286,7 +287,13 @@ class VllmEngine:
         await self._llm.remove_lora(lora.int_id)
 
     async def pin_lora(self, lora: LoraRef) -> None:
-        await self._llm.pin_lora(lora.int_id)
+        # Not vLLM's pin_lora: it pins in the host LRU *and* in a batch slot, while the
+        # scheduler still admits max_loras other adapters per step, and the first step that
+        # does kills the engine (KeyError in convert_mapping: one of them lost its slot to the
+        # pin). A host pin is what keeps the adapter's requests off disk reads; the slots stay
+        # the scheduler's.
+        await self._llm.collective_rpc("loraplex_pin_lora",
+                                       args=(lora.key, lora.int_id, lora.path))
 
     async def lora_residency(self) -> dict[int, set[str]] | None:
         # vLLM's public API only lists the host-cache ids; the batch slots live on the worker,
@@ -421,6 +428,19 @@ def _worker_lora_residency(worker) -> dict[str, Any] | None:
                 "host": list(mgr._registered_adapters.cache), "loads": dict(_LOADS)}
     except AttributeError:
         return None
+
+
+def _worker_pin_lora(worker, name: str, int_id: int, path: str) -> bool:
+    """Runs inside a vLLM worker: add the adapter to the host LRU (a read if it is not there)
+    and pin it there, in one call, so no step in between can evict it. Not in a batch slot (see
+    VllmEngine.pin_lora). The server keeps pins to max_cpu_loras - max_loras, so a batch of
+    unpinned adapters always fits beside them."""
+    from vllm.lora.request import LoRARequest
+
+    wm = worker.model_runner.lora_manager
+    wm.add_adapter(LoRARequest(lora_name=name, lora_int_id=int_id, lora_path=path))
+    wm._adapter_manager._registered_adapters.pin(int_id)
+    return True
 
 
 # -- adapter prefetch, inside each vLLM worker ----------------------------------------------------
