@@ -10,8 +10,9 @@ The gate holds those requests here instead and decides who gets a freed slot:
 - when a slot frees, the adapter with the most waiting requests gets it, and all of them go in
   together, so each step batches as many requests as the slots allow;
 - no starvation: once a request has waited `deadline_s`, its adapter is next, oldest first. If
-  no slot frees by itself, the slot holder with the fewest requests in the engine takes no new
-  ones until its last one ends ("draining"), so a slot frees within one request's lifetime.
+  no slot frees by itself, for each overdue adapter one slot holder (the fewest requests in the
+  engine first) takes no new requests until its last one ends ("draining"), so the slots free
+  within one request's lifetime.
 
 The engine then never sees more adapters than it has slots, and its own skip rule never acts.
 Requests for the base model do not pass through the gate.
@@ -19,7 +20,8 @@ Requests for the base model do not pass through the gate.
 Off by default (`lora_slot_gate`) until measured: `many_adapters.py --variant
 gate=LORAPLEX_LORA_SLOT_GATE=true` decides whether it moves Zipf / one-adapter throughput. The
 request path (`serving.py` `run`) enters after `manager.acquire` and leaves on release. Pinned
-adapters hold vLLM slots the gate does not know of; with pins, the engine may still skip.
+adapters are pinned in vLLM's host memory only, never in a batch slot (`VllmEngine.pin_lora`), so
+the gate's count of slots is the engine's.
 """
 
 from __future__ import annotations
@@ -99,13 +101,19 @@ class SlotGate:
         self._drain_if_overdue()
 
     def _drain_if_overdue(self) -> None:
-        """With a request past its deadline and no free slot, stop feeding the slot holder
-        with the fewest requests in the engine (one at a time), so that its slot frees."""
-        if self.draining or len(self.active) < self.slots:
+        """With requests past their deadline and no free slot, stop feeding as many slot
+        holders as there are overdue adapters (the fewest requests in the engine first), so
+        that as many slots free, each within one request's lifetime. One at a time made the
+        k-th overdue adapter wait k lifetimes (the rarest decile's tail)."""
+        if len(self.active) < self.slots:
             return
         now = self.clock()
-        if any(now - q[0].since >= self.deadline_s for q in self.waiting.values()):
-            self.draining.add(min(self.active, key=lambda i: self.active[i]))
+        overdue = sum(now - q[0].since >= self.deadline_s for q in self.waiting.values())
+        need = overdue - len(self.draining)
+        if need <= 0:
+            return
+        holders = sorted((n, i) for i, n in self.active.items() if i not in self.draining)
+        self.draining.update(i for _, i in holders[:need])
 
     def _forget(self, int_id: int, w: _Waiter) -> None:
         q = self.waiting.get(int_id)

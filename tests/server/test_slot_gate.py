@@ -58,6 +58,26 @@ def test_an_overdue_request_drains_the_smallest_slot_holder():
     asyncio.run(main())
 
 
+def test_each_overdue_adapter_drains_a_slot_holder_of_its_own():
+    async def main():
+        clock = Clock()
+        gate = SlotGate(3, deadline_s=1.0, clock=clock)
+        await _enter_all(gate, [1, 1, 1, 2, 2, 3])
+        rare = await _enter_all(gate, [4, 5])
+        clock.t = 1.5
+        gate.tick()
+        assert gate.draining == {3, 2}  # two overdue adapters: the two smallest holders
+        gate.tick()
+        assert gate.draining == {3, 2}  # no more than needed
+        gate.leave(3)
+        gate.leave(2)
+        gate.leave(2)
+        await asyncio.sleep(0)
+        assert all(t.done() for t in rare) and set(gate.active) == {1, 4, 5}
+        assert not gate.draining
+    asyncio.run(main())
+
+
 def test_a_cancelled_waiter_is_forgotten_and_a_granted_one_gives_its_slot_back():
     async def main():
         gate = SlotGate(1, clock=Clock())
