@@ -17,8 +17,9 @@ The gate holds those requests here instead and decides who gets a freed slot:
 The engine then never sees more adapters than it has slots, and its own skip rule never acts.
 Requests for the base model do not pass through the gate.
 
-Off by default (`lora_slot_gate`) until measured: `many_adapters.py --variant
-gate=LORAPLEX_LORA_SLOT_GATE=true` decides whether it moves Zipf / one-adapter throughput. The
+Off by default (`lora_slot_gate`): measured with `many_adapters.py --variant
+gate=LORAPLEX_LORA_SLOT_GATE=true` (deadlines 0.5, 1 and 2 s), it gave 0.93-0.95x the Zipf
+throughput of vLLM's own rule and no better TTFT tail (docs/benchmarks.md, 2026-12-02). The
 request path (`serving.py` `run`) enters after `manager.acquire` and leaves on release. Pinned
 adapters are pinned in vLLM's host memory only, never in a batch slot (`VllmEngine.pin_lora`), so
 the gate's count of slots is the engine's.
