@@ -86,6 +86,7 @@ class AdapterManager:
         # What the engine's host LRU probably holds (ids, least recently used first): a
         # request for anything else announces its adapter to the engine (`_prefetch`).
         self._host: OrderedDict[int, None] = OrderedDict()
+        self._host_room = settings.max_cpu_loras  # minus pinned adapters (_pins_changed)
         self._tasks: set[asyncio.Task] = set()
         self._names: tuple[RegistrySnapshot, dict[int, list[str]], dict[str, int]] | None = None
         self._refresh_lock = asyncio.Lock()
@@ -204,14 +205,24 @@ class AdapterManager:
         self.cache.trim_soon()
 
     def _in_host(self, int_id: int) -> bool:
-        """Whether `int_id` was among the `max_cpu_loras` most recently used; now it is."""
+        """Whether `int_id` was among the `max_cpu_loras` most recently used (pinned adapters
+        always are, and leave the others fewer places); now it is."""
+        hit = self.loaded.get(int_id)
+        if hit is not None and hit.pinned:
+            return True
         host = self._host
         was = int_id in host
         host[int_id] = None
         host.move_to_end(int_id)
-        while len(host) > self.settings.max_cpu_loras:
+        while len(host) > self._host_room:
             host.popitem(last=False)
         return was
+
+    def _pins_changed(self) -> None:
+        pinned = [i for i, h in self.loaded.items() if h.pinned]
+        self._host_room = max(self.settings.max_cpu_loras - len(pinned), 1)
+        for i in pinned:
+            self._host.pop(i, None)
 
     async def ensure_loaded(self, v: AdapterVersion) -> LoraRef:
         hit = self.loaded.get(v.lora_int_id)
@@ -387,6 +398,8 @@ class AdapterManager:
             except BaseException:
                 hit.pinned = False
                 raise
+            finally:
+                self._pins_changed()
         finally:
             self.release(v)
         return ref
@@ -399,11 +412,16 @@ class AdapterManager:
         await self.engine.remove_lora(hit.ref)
         await self.engine.add_lora(hit.ref)
         hit.pinned = False
+        self._pins_changed()
+        self._in_host(v.lora_int_id)  # re-added: the most recent in vLLM's host LRU
 
     async def unload(self, v: AdapterVersion) -> bool:
         hit = self.loaded.pop(v.lora_int_id, None)
         if hit is None:
             return False
+        self._host.pop(v.lora_int_id, None)  # gone from vLLM's host LRU too: prefetch it next time
+        if hit.pinned:
+            self._pins_changed()
         await self.engine.remove_lora(hit.ref)
         return True
 

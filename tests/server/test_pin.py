@@ -9,6 +9,8 @@ still take max_loras unpinned adapters, so at most max_cpu_loras - max_loras are
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from pydantic import ValidationError
 
@@ -85,3 +87,39 @@ def test_preload_beyond_the_pin_room_is_refused_at_start(tmp_path):
     assert "preload names 3 adapters" in str(e.value) and "6 - 4 = 2" in str(e.value)
     assert ServerSettings(home=tmp_path, model=tmp_path, preload=["a", "b"], max_loras=4,
                           max_cpu_loras=6).preload == ["a", "b"]
+
+
+def test_a_pin_leaves_the_others_fewer_host_places_for_prefetch(tmp_path, toy_model_dir,
+                                                                 one_step_lora):
+    """The prefetch rule guesses vLLM's host LRU (`max_cpu_loras` most recent); a pinned
+    adapter sits outside its eviction order, so the rest have one place fewer."""
+    from tests.server.test_prefetch import PrefetchEngine
+
+    reg, size = registry_with(tmp_path, toy_model_dir, one_step_lora, ["p", "a", "b", "c"])
+    settings = settings_for(tmp_path, toy_model_dir, cap=size * 10, max_loras=1,
+                            max_cpu_loras=3)  # with p pinned: 2 places for a, b, c
+
+    class Engine(PrefetchEngine, PinCountingEngine):
+        pass
+
+    async def use(m, name):
+        v = m.snapshot.resolve(name)
+        await m.acquire(v)
+        m.release(v)
+        await asyncio.sleep(0)
+
+    async def body(m, engine):
+        await m.pin(m.snapshot.resolve("p"))
+        for name in ["a", "b", "c", "p", "a"]:  # a: outside the last 2 (b, c); p: pinned
+            await use(m, name)
+        assert engine.announced == ["a"]
+        await m.unload(m.snapshot.resolve("p"))  # the pin goes with it: 3 places again
+        for name in ["c", "a", "b", "c"]:  # b: left the last 2 above; c: among the last 3
+            await use(m, name)
+        assert engine.announced == ["a", "b"]
+        await use(m, "p")  # loaded again by add_lora: in the host LRU, not announced
+        await use(m, "a")  # the last 3 were b, c, p: a is announced
+        assert engine.announced == ["a", "b", "a"]
+
+    run_manager(settings, reg, body, Engine())
+    reg.close()
