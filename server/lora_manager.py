@@ -383,8 +383,8 @@ class AdapterManager:
             if hit.pinned:
                 return ref
             pinned = sorted(h.version.ref for h in self.loaded.values() if h.pinned)
-            cpu, gpu = self.settings.max_cpu_loras, self.settings.max_loras
-            room = max(cpu - gpu, 0)
+            cpu, gpu, room = (self.settings.max_cpu_loras, self.settings.max_loras,
+                              self.settings.pin_room)
             if len(pinned) >= room:
                 raise Conflict(
                     f"cannot pin {v.ref}: {len(pinned)} adapter(s) are pinned "

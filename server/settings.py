@@ -123,16 +123,20 @@ class ServerSettings(RegistrySettings):
             return [x.strip() for x in v.split(",") if x.strip()]
         return v
 
+    @property
+    def pin_room(self) -> int:
+        """How many adapters may be pinned: vLLM's host LRU (max_cpu_loras) must still take a
+        full batch (max_loras) of unpinned ones (AdapterManager.pin)."""
+        return max(self.max_cpu_loras - self.max_loras, 0)
+
     @model_validator(mode="after")
     def _preload_fits(self):
-        # Preloaded adapters are pinned in vLLM's host LRU, which must still take a full batch
-        # of other adapters (AdapterManager.pin).
-        room = max(self.max_cpu_loras - self.max_loras, 0)
-        if len(self.preload) > room:
+        # Preloaded adapters are pinned.
+        if len(self.preload) > self.pin_room:
             raise ValueError(
                 f"preload names {len(self.preload)} adapters and at most max_cpu_loras - "
-                f"max_loras = {self.max_cpu_loras} - {self.max_loras} = {room} can be pinned; "
-                "raise LORAPLEX_MAX_CPU_LORAS or preload fewer")
+                f"max_loras = {self.max_cpu_loras} - {self.max_loras} = {self.pin_room} can be "
+                "pinned; raise LORAPLEX_MAX_CPU_LORAS or preload fewer")
         return self
 
     @field_validator("tool_format")
