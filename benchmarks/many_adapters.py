@@ -46,6 +46,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -117,23 +118,27 @@ def make_requests(models: list[str], deciles: list[int]) -> list[Req]:
     return [Req(m, d, PROMPTS[i % len(PROMPTS)]) for i, (m, d) in enumerate(zip(models, deciles))]
 
 
-def lru_misses(models: list[str], capacity: int, rounds: int = 2) -> float:
+def lru_misses(models: list, capacity: int, rounds: int = 2, pinned: Collection = ()) -> float:
     """Miss rate of an LRU cache of `capacity` adapters over `models` in order, the sequence
     repeated `rounds` times and only the last pass counted (a warm cache, as in the measured
     rounds). A model of vLLM's `max_cpu_loras` host LRU, which neither server counts: reported
-    as a simulation, not a measurement (the engine sees requests in about this order)."""
+    as a simulation, not a measurement (the engine sees requests in about this order).
+    `pinned` adapters always hit and take their places out of the LRU's."""
     from collections import OrderedDict
 
-    cache: OrderedDict[str, None] = OrderedDict()
+    cache: OrderedDict = OrderedDict()
+    pinned = set(pinned)
     misses = 0
     for r in range(rounds):
         for m in models:
+            if m in pinned:
+                continue
             if m in cache:
                 cache.move_to_end(m)
                 continue
             misses += r == rounds - 1
             cache[m] = None
-            if len(cache) > capacity:
+            if len(cache) > capacity - len(pinned):
                 cache.popitem(last=False)
     return misses / len(models) if models else float("nan")
 

@@ -161,6 +161,10 @@ def test_lru_misses_model():
     assert ma.lru_misses(["a", "b", "a", "b"], 2) == 0.0  # fits: a warm cache never misses
     assert ma.lru_misses(["a", "b", "c"], 2) == 1.0  # cyclic over capacity + 1: always misses
     assert ma.lru_misses(["a", "b", "a", "c"], 2) == 0.5  # pass 2: b, c miss; a twice hits
+    # A pinned adapter always hits and leaves the others fewer places.
+    assert ma.lru_misses(["a", "b", "c"], 2, pinned={"a"}) == pytest.approx(2 / 3)  # b, c: 1 place
+    assert ma.lru_misses(["a", "b", "c"], 3, pinned={"a"}) == 0.0  # b, c: 2 places
+    assert ma.lru_misses(["a", "b", "a", "b"], 2, pinned={"a"}) == 0.0
 
 
 def test_all_at_once_streams():
