@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -188,12 +189,12 @@ async def simulate(adapters: list[int], policy: str, slots: int, concurrency: in
         if not running and lingering:  # an idle engine holds no slot for a request to come
             lingering.clear()
             admit()
-        if len({j.adapter for j in running}) > slots:
+        busy = len({j.adapter for j in running})
+        if busy > slots:
             raise AssertionError(f"{policy}: a step batched more than {slots} adapters")
         if not running:
             raise RuntimeError(f"{policy}: nothing runs with {len(queue)} queued, "
                                f"{len(held)} held: the policy deadlocked")
-        busy = len({j.adapter for j in running})
         now += step(len(running), busy)
         out.steps += 1
         out.requests_run += len(running)
@@ -248,12 +249,20 @@ def calibrate(base: Path, max_loras: int, max_tokens: int, dtype: str) -> StepMo
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    work = Path(tempfile.mkdtemp(prefix="slot-sim-"))
+    try:
+        return _time_steps(base, work, max_loras, max_tokens, dtype)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _time_steps(base: Path, work: Path, max_loras: int, max_tokens: int, dtype: str) -> StepModel:
     import loadgen
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    work = Path(tempfile.mkdtemp(prefix="slot-sim-"))
-    loras = loadgen.make_adapters(base, work, max_loras, ranks=[(8, 16)[i % 2] for i in range(max_loras)])
+    loras = loadgen.make_adapters(base, work, max_loras,
+                                  ranks=[(8, 16)[i % 2] for i in range(max_loras)])
     llm = LLM(model=str(base), dtype=dtype, enable_lora=True, max_loras=max_loras,
               max_lora_rank=16, max_cpu_loras=max(32, max_loras), max_model_len=512,
               max_num_seqs=64, seed=0)
