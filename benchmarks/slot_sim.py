@@ -52,7 +52,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,7 +92,7 @@ class Outcome:
     requests_run: int = 0  # sum over steps of the running batch size
     slot_steps: int = 0  # sum over steps of the distinct adapters in the batch
     tokens: int = 0
-    ttfts: list[float] | None = None
+    ttfts: list[float] = field(default_factory=list)
 
     @property
     def per_step(self) -> float:
@@ -153,7 +153,7 @@ async def simulate(adapters: list[int], policy: str, slots: int, concurrency: in
     running: list[Job] = []
     held: list[tuple[asyncio.Task, Job]] = []  # requests waiting in the gate
     todo = iter(adapters)
-    out = Outcome(ttfts=[])
+    out = Outcome()
 
     def send() -> None:
         a = next(todo, None)
@@ -224,18 +224,14 @@ async def simulate(adapters: list[int], policy: str, slots: int, concurrency: in
 
 def run_policy(policy: str, draws: list[list[int]], a) -> tuple[Outcome, Outcome]:
     """(Zipf, one adapter) outcomes summed over the draws."""
-    total = {"zipf": Outcome(ttfts=[]), "one": Outcome(ttfts=[])}
+    total = {"zipf": Outcome(), "one": Outcome()}
     for adapters in draws:
         for name, seq in (("zipf", adapters), ("one", [0] * len(adapters))):
             o = asyncio.run(simulate(seq, policy, a.max_loras, a.concurrency, a.max_tokens,
                                      a.step))
             t = total[name]
-            t.seconds += o.seconds
-            t.steps += o.steps
-            t.requests_run += o.requests_run
-            t.slot_steps += o.slot_steps
-            t.tokens += o.tokens
-            t.ttfts += o.ttfts
+            for f in fields(Outcome):
+                setattr(t, f.name, getattr(t, f.name) + getattr(o, f.name))
     return total["zipf"], total["one"]
 
 

@@ -4,27 +4,14 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import slot_sim as sim  # noqa: E402
 
-
-def _load(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sim = _load("slot_sim")
 SECOND = sim.StepModel(1000, 0)  # every step takes 1 s: times count steps
 
 
