@@ -538,7 +538,7 @@ def report(a, res: dict[str, list[Result]], machine: str, args: EngineArgs, dist
             f"{1000 * median([rarest(r)[1] for r in rs]):.0f}" if "zipf" in n else "–",
             fmt(med([x["loads_per_min"] for x in m])),
             fmt(hit, ".0%"),
-            "/".join(str(res_after.get(t, 0)) for t in ("accelerator", "host", "disk"))
+            "/".join(str(res_after.get(t, 0)) for t in ("accelerator", "host", "pinned", "disk"))
             if res_after else "n/a",
             f"{median([r.cpu_ms_per_token for r in rs]):.2f}",
             f"{median([r.api_cpu_ms_per_token for r in rs]):.2f}",
@@ -547,7 +547,7 @@ def report(a, res: dict[str, list[Result]], machine: str, args: EngineArgs, dist
     main_table = table(["load", "output tok/s", "TTFT p50 ms", "TTFT p99 ms",
                         "TTFT p99 after the first wave ms", "latency p50 ms",
                         "latency p99 ms", "rarest-decile TTFT p99 ms", "adapter loads / min",
-                        "adapter already loaded", "resident after (accel/host/disk)",
+                        "adapter already loaded", "resident after (accel/host/pinned/disk)",
                         "server CPU ms / token", "front process CPU ms / token",
                         "all-at-once streams",
                         "engine adapter reads prefetched / blocking (step wait s)"], rows)

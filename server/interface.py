@@ -118,12 +118,18 @@ class Engine(Protocol):
 
     async def remove_lora(self, lora: LoraRef) -> None: ...
 
-    async def pin_lora(self, lora: LoraRef) -> None: ...
+    async def pin_lora(self, lora: LoraRef) -> None:
+        """Keep the adapter in the engine's host cache (never evicted from it) until unpinned."""
+        ...
+
+    async def unpin_lora(self, lora: LoraRef) -> None:
+        """Let the host cache evict the adapter again; nothing is read or moved."""
+        ...
 
     async def lora_residency(self) -> dict[int, set[str]] | None:
         """Where the engine holds each adapter it knows, by int id: a subset of
-        {"accelerator", "host"} (in one of the `max_loras` batch slots / in its host-memory LRU
-        of `max_cpu_loras`). None when the engine cannot tell."""
+        {"accelerator", "host", "pinned"} (in one of the `max_loras` batch slots / in its
+        host-memory LRU of `max_cpu_loras` / pinned there). None when the engine cannot tell."""
         ...
 
     async def check_health(self) -> None:

@@ -19,6 +19,9 @@
   the engine first, which reads its files on a worker thread while the request waits for a
   slot, not inside the step that schedules it (`_prefetch`; the worker side is in
   engine/core.py; `lora_prefetch` turns it off).
+- Automatic pins (`auto_pin`, off by default): the adapters most requested over the last
+  `auto_pin_window` requests are pinned in the engine's host cache, so their requests never
+  wait for a read; they follow traffic (`_rebalance`) and yield to an operator's pins.
 - `update_residency` (each /metrics scrape) also sets the LoRA-affinity series the Gateway API
   Inference Extension's endpoint picker reads (`vllm:lora_requests_info`): see
   `lora_requests_info`.
@@ -31,7 +34,7 @@ import errno
 import logging
 import shutil
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +62,12 @@ log = logging.getLogger("loraplex.adapters")
 # How long a request naming an unknown adapter waits for the registry before a 503 (a database
 # that hangs instead of refusing must not hang requests).
 LOOKUP_TIMEOUT_S = 5.0
+# auto_pin: an adapter asked for once in the window is not popular, whatever its rank.
+AUTO_PIN_MIN_REQUESTS = 2
+# auto_pin: a top adapter takes an automatic pin's place only when asked for this many times as
+# often (or when that pin fell out of the top 2 x auto_pin), so two adapters of about the same
+# popularity near the cut are not pinned and released in turn.
+AUTO_PIN_SWAP_FACTOR = 2
 
 
 @dataclass
@@ -67,6 +76,7 @@ class _Loaded:
     version: AdapterVersion
     entry: str  # its directory in the disk cache
     pinned: bool = False
+    auto: bool = False  # pinned by auto_pin (traffic decides when it goes), not by an operator
 
 
 class AdapterManager:
@@ -87,6 +97,11 @@ class AdapterManager:
         # request for anything else announces its adapter to the engine (`_prefetch`).
         self._host: OrderedDict[int, None] = OrderedDict()
         self._host_room = settings.max_cpu_loras  # minus pinned adapters (_pins_changed)
+        # auto_pin: the last auto_pin_window adapter requests, counted by lora int id.
+        self._traffic: deque[int] = deque(maxlen=settings.auto_pin_window)
+        self._counts: Counter[int] = Counter()
+        self._until_rebalance = self._rebalance_every
+        self._rebalancing: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._names: tuple[RegistrySnapshot, dict[int, list[str]], dict[str, int]] | None = None
         self._refresh_lock = asyncio.Lock()
@@ -128,8 +143,9 @@ class AdapterManager:
                 await self.pin(version)
 
     async def stop(self) -> None:
-        if self._poller:
-            self._poller.cancel()
+        for task in (self._poller, self._rebalancing):
+            if task is not None:
+                task.cancel()
 
     async def _poll(self) -> None:
         while True:
@@ -165,10 +181,13 @@ class AdapterManager:
             raise
 
     # -- loading --------------------------------------------------------------------------
-    async def acquire(self, v: AdapterVersion) -> LoraRef:
+    async def acquire(self, v: AdapterVersion, traffic: bool = True) -> LoraRef:
         """`ensure_loaded`, holding the version for one request until `release(v)`: while held
-        (waiting for its load included), its disk copy is not evicted."""
+        (waiting for its load included), its disk copy is not evicted. `traffic`: a client's
+        request, counted for auto_pin (an operator's pin is not)."""
         i = v.lora_int_id
+        if traffic and self.settings.auto_pin:
+            self._observe(i)
         self._uses[i] = self._uses.get(i, 0) + 1
         try:
             ref = await self.ensure_loaded(v)
@@ -220,6 +239,9 @@ class AdapterManager:
 
     def _pins_changed(self) -> None:
         pinned = [i for i, h in self.loaded.items() if h.pinned]
+        auto = sum(self.loaded[i].auto for i in pinned)
+        self.metrics.pinned.labels("admin").set(len(pinned) - auto)
+        self.metrics.pinned.labels("auto").set(auto)
         self._host_room = max(self.settings.max_cpu_loras - len(pinned), 1)
         for i in pinned:
             self._host.pop(i, None)
@@ -372,16 +394,25 @@ class AdapterManager:
             del self.loaded[e.int_id]
 
     # -- admin verbs ----------------------------------------------------------------------
-    async def pin(self, v: AdapterVersion) -> LoraRef:
+    async def pin(self, v: AdapterVersion, auto: bool = False) -> LoraRef:
         """Keep `v` in vLLM's host LRU (not a batch slot: see VllmEngine.pin_lora).
 
         At most max_cpu_loras - max_loras adapters are pinned: the host LRU must still take a
-        full batch of unpinned adapters, or the step that schedules one fails in the engine."""
-        ref = await self.acquire(v)  # held: not evicted between its load and the pin
+        full batch of unpinned adapters, or the step that schedules one fails in the engine.
+        An operator's pin (not `auto`) that finds no room releases the least requested
+        automatic pin first, and pinning an automatically pinned adapter makes it theirs."""
+        ref = await self.acquire(v, traffic=False)  # held: not evicted between load and pin
         try:
             hit = self.loaded[v.lora_int_id]
             if hit.pinned:
+                if not auto and hit.auto:
+                    hit.auto = False
+                    self._pins_changed()
                 return ref
+            if not auto and self._room_left() <= 0:
+                weakest = self._weakest_auto()
+                if weakest is not None:
+                    await self._release_pin(weakest)
             pinned = sorted(h.version.ref for h in self.loaded.values() if h.pinned)
             cpu, gpu, room = (self.settings.max_cpu_loras, self.settings.max_loras,
                               self.settings.pin_room)
@@ -392,11 +423,11 @@ class AdapterManager:
                     f"{cpu} - {gpu} = {room} may be, so that a full batch of other adapters "
                     "still fits in host memory; unpin one (POST /admin/adapters/<ref>/unpin) "
                     "or raise LORAPLEX_MAX_CPU_LORAS", param="ref")
-            hit.pinned = True  # before the await: a concurrent pin counts this one
+            hit.pinned, hit.auto = True, auto  # before the await: a concurrent pin counts it
             try:
                 await self.engine.pin_lora(ref)
             except BaseException:
-                hit.pinned = False
+                hit.pinned = hit.auto = False
                 raise
             finally:
                 self._pins_changed()
@@ -405,15 +436,85 @@ class AdapterManager:
         return ref
 
     async def unpin(self, v: AdapterVersion) -> None:
-        # vLLM has no unpin: drop and re-add keeps the adapter but releases the pin.
+        """Release `v`'s pin (an automatic one too: auto_pin may pin it again if its traffic
+        keeps it among the most requested)."""
         hit = self.loaded.get(v.lora_int_id)
-        if hit is None or not hit.pinned:
-            return
-        await self.engine.remove_lora(hit.ref)
-        await self.engine.add_lora(hit.ref)
-        hit.pinned = False
-        self._pins_changed()
-        self._in_host(v.lora_int_id)  # re-added: the most recent in vLLM's host LRU
+        if hit is not None and hit.pinned:
+            await self._release_pin(hit)
+
+    async def _release_pin(self, hit: _Loaded) -> None:
+        # Marked before the await, so a pin arriving meanwhile pins it again (the engine runs
+        # the two calls in order) instead of being told it is pinned already.
+        was_auto = hit.auto
+        hit.pinned = hit.auto = False
+        try:
+            await self.engine.unpin_lora(hit.ref)
+        except BaseException:
+            hit.pinned, hit.auto = True, was_auto
+            raise
+        finally:
+            self._pins_changed()
+        self._in_host(hit.ref.int_id)  # an LRU entry again (its place there: a guess)
+
+    def _room_left(self) -> int:
+        return self.settings.pin_room - sum(h.pinned for h in self.loaded.values())
+
+    def _weakest_auto(self, exclude: Collection[int] = ()) -> _Loaded | None:
+        """The automatic pin with the fewest requests in the window (not among `exclude`)."""
+        autos = [(self._counts.get(i, 0), i) for i, h in self.loaded.items()
+                 if h.auto and i not in exclude]
+        return self.loaded[min(autos)[1]] if autos else None
+
+    # -- automatic pins (auto_pin) -------------------------------------------------------------
+    @property
+    def _rebalance_every(self) -> int:
+        return max(self.settings.auto_pin_window // 20, 5)
+
+    def _observe(self, int_id: int) -> None:
+        """Count one request for `int_id` in the window; every so often, re-rank (in a task:
+        the request does not wait for it)."""
+        window, counts = self._traffic, self._counts
+        if len(window) == window.maxlen:  # the oldest request leaves the window
+            old = window[0]
+            counts[old] -= 1
+            if counts[old] <= 0:
+                del counts[old]
+        window.append(int_id)
+        counts[int_id] += 1
+        self._until_rebalance -= 1
+        if self._until_rebalance <= 0 and self._rebalancing is None:
+            self._until_rebalance = self._rebalance_every
+            self._rebalancing = asyncio.create_task(self._rebalance())
+
+    async def _rebalance(self) -> None:
+        """Pin the `auto_pin` adapters most requested in the window (each asked for at least
+        AUTO_PIN_MIN_REQUESTS times). Release automatic pins that fell out of the top
+        2 × auto_pin, and one outside the top whose place a top adapter asked for
+        AUTO_PIN_SWAP_FACTOR times as often needs."""
+        k, counts = self.settings.auto_pin, self._counts
+        try:
+            ranked = [i for i, n in counts.most_common() if n >= AUTO_PIN_MIN_REQUESTS]
+            top, keep = ranked[:k], set(ranked[:2 * k])
+            for hit in [h for i, h in self.loaded.items() if h.auto and i not in keep]:
+                await self._release_pin(hit)
+                self.metrics.auto_pin_changes.labels("unpin").inc()
+            for i in top:
+                hit = self.loaded.get(i)
+                if hit is None or hit.pinned:  # not loaded (or evicted from disk): next time
+                    continue
+                if sum(h.auto for h in self.loaded.values()) >= k or self._room_left() <= 0:
+                    weakest = self._weakest_auto(exclude=top)
+                    if weakest is None or (counts[i] < AUTO_PIN_SWAP_FACTOR
+                                           * counts.get(weakest.ref.int_id, 0)):
+                        break  # ranked by count: no later candidate would take it either
+                    await self._release_pin(weakest)
+                    self.metrics.auto_pin_changes.labels("unpin").inc()
+                await self.pin(hit.version, auto=True)
+                self.metrics.auto_pin_changes.labels("pin").inc()
+        except Exception as exc:  # noqa: BLE001 - an optimisation: never a request's error
+            log.warning("auto_pin: re-ranking the adapters failed: %s", exc)
+        finally:
+            self._rebalancing = None
 
     async def unload(self, v: AdapterVersion) -> bool:
         hit = self.loaded.pop(v.lora_int_id, None)
@@ -443,7 +544,8 @@ class AdapterManager:
             engine_view = None
         if engine_view is None:  # the engine cannot tell: report what we handed it
             engine_view = {i: {"host"} for i in self.loaded}
-        tiers: dict[str, list[tuple[str, int]]] = {"accelerator": [], "host": [], "disk": []}
+        tiers: dict[str, list[tuple[str, int]]] = {"accelerator": [], "host": [], "pinned": [],
+                                                   "disk": []}
         for v in self.snapshot.versions:
             for tier in sorted(engine_view.get(v.lora_int_id, ())):
                 tiers[tier].append((v.name, v.version))

@@ -65,8 +65,16 @@ class Metrics:
         self.resident = Gauge(
             "loraplex_adapter_resident", "1 for each tier holding a copy of an adapter version "
             "(accelerator: in one of the engine's max_loras batch slots; host: in the engine's "
-            "host-memory adapter cache; disk: in the server's local disk cache).",
+            "host-memory adapter cache; pinned: pinned there; disk: in the server's local disk "
+            "cache).",
             [*LABELS, "tier"], registry=r)
+        self.pinned = Gauge(
+            "loraplex_adapters_pinned", "Adapters pinned in the engine's host cache, by how: "
+            "admin (the admin API or preload) or auto (auto_pin, following traffic).",
+            ["how"], registry=r)
+        self.auto_pin_changes = Counter(
+            "loraplex_auto_pin_changes", "Automatic pins made and released (auto_pin).",
+            ["action"], registry=r)
         self.engine_reads = Counter(
             "loraplex_engine_adapter_reads", "Adapter reads from disk into the engine's host "
             "cache (vLLM's max_cpu_loras LRU), by how: prefetched (on a worker thread, started "

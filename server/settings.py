@@ -95,6 +95,12 @@ class ServerSettings(RegistrySettings):
     lora_prefetch: bool = Field(
         default=True, description="Read an adapter missing from the engine's host cache on a worker thread as its request arrives, not inside the step that schedules it."
     )
+    auto_pin: int = Field(
+        default=0, ge=0, description="Pin this many of the most requested adapters (over the last auto_pin_window requests) in the engine's host cache, following traffic; 0 = off. At most max_cpu_loras - max_loras; an operator's pin displaces the least requested of them."
+    )
+    auto_pin_window: int = Field(
+        default=1000, ge=10, description="With auto_pin: how many recent adapter requests rank the adapters."
+    )
 
     # -- admission --
     max_queue: int = Field(default=256, ge=1, description="In-flight requests before 429.")
@@ -130,13 +136,18 @@ class ServerSettings(RegistrySettings):
         return max(self.max_cpu_loras - self.max_loras, 0)
 
     @model_validator(mode="after")
-    def _preload_fits(self):
-        # Preloaded adapters are pinned.
+    def _pins_fit(self):
+        # Preloaded adapters are pinned; automatic pins yield to them (AdapterManager.pin).
         if len(self.preload) > self.pin_room:
             raise ValueError(
                 f"preload names {len(self.preload)} adapters and at most max_cpu_loras - "
                 f"max_loras = {self.max_cpu_loras} - {self.max_loras} = {self.pin_room} can be "
                 "pinned; raise LORAPLEX_MAX_CPU_LORAS or preload fewer")
+        if self.auto_pin > self.pin_room:
+            raise ValueError(
+                f"auto_pin is {self.auto_pin} and at most max_cpu_loras - max_loras = "
+                f"{self.max_cpu_loras} - {self.max_loras} = {self.pin_room} adapters can be "
+                "pinned; set LORAPLEX_AUTO_PIN to at most that or raise LORAPLEX_MAX_CPU_LORAS")
         return self
 
     @field_validator("tool_format")

@@ -192,6 +192,7 @@ def apply_vllm_fixes() -> None:
     WorkerBase.loraplex_lora_residency = _worker_lora_residency
     WorkerBase.loraplex_prefetch_lora = _worker_prefetch_lora
     WorkerBase.loraplex_pin_lora = _worker_pin_lora
+    WorkerBase.loraplex_unpin_lora = _worker_unpin_lora
     from vllm.lora.worker_manager import WorkerLoRAManager
 
     if not _ORIGINAL_LOAD:
@@ -295,6 +296,12 @@ class VllmEngine:
         await self._llm.collective_rpc("loraplex_pin_lora",
                                        args=(lora.key, lora.int_id, lora.path))
 
+    async def unpin_lora(self, lora: LoraRef) -> None:
+        # vLLM has no unpin of its own. Dropping and re-adding the adapter (what this did
+        # before) re-read its files inside the engine loop; releasing the mark reads nothing
+        # and leaves the adapter where it is (host LRU, a batch slot if it has one).
+        await self._llm.collective_rpc("loraplex_unpin_lora", args=(lora.int_id,))
+
     async def lora_residency(self) -> dict[int, set[str]] | None:
         # vLLM's public API only lists the host-cache ids; the batch slots live on the worker,
         # so ask it directly (a method apply_vllm_fixes added to vLLM's workers).
@@ -307,7 +314,7 @@ class VllmEngine:
         for worker in per_worker:
             if worker is None:
                 return None
-            for tier in ("accelerator", "host"):
+            for tier in ("accelerator", "host", "pinned"):
                 for i in worker.get(tier, ()):
                     out.setdefault(int(i), set()).add(tier)
         # Every worker of a tensor-parallel group reads its own shard of each adapter at the
@@ -420,12 +427,14 @@ class VllmEngine:
 
 
 def _worker_lora_residency(worker) -> dict[str, Any] | None:
-    """Runs inside a vLLM worker: ids in the accelerator batch slots and in the host LRU, and
-    this worker's adapter loads from disk (`_LOADS`)."""
+    """Runs inside a vLLM worker: ids in the accelerator batch slots, in the host LRU and
+    pinned there, and this worker's adapter loads from disk (`_LOADS`)."""
     try:
         mgr = worker.model_runner.lora_manager._adapter_manager
-        return {"accelerator": list(mgr._active_adapters.cache),
-                "host": list(mgr._registered_adapters.cache), "loads": dict(_LOADS)}
+        host = mgr._registered_adapters
+        return {"accelerator": list(mgr._active_adapters.cache), "host": list(host.cache),
+                "pinned": [i for i in host.pinned_items if i in host.cache],
+                "loads": dict(_LOADS)}
     except AttributeError:
         return None
 
@@ -440,6 +449,16 @@ def _worker_pin_lora(worker, name: str, int_id: int, path: str) -> bool:
     wm = worker.model_runner.lora_manager
     wm.add_adapter(LoRARequest(lora_name=name, lora_int_id=int_id, lora_path=path))
     wm._adapter_manager._registered_adapters.pin(int_id)
+    return True
+
+
+def _worker_unpin_lora(worker, int_id: int) -> bool:
+    """Runs inside a vLLM worker: let the host LRU evict the adapter again (nothing is read or
+    moved). True if it was pinned."""
+    host = worker.model_runner.lora_manager._adapter_manager._registered_adapters
+    if int_id not in host.pinned_items:
+        return False
+    host.pinned_items.discard(int_id)
     return True
 
 

@@ -488,7 +488,7 @@ SET_ALL = {
     "gpu_memory_utilization": 0.85, "cpu_kvcache_space_gib": 12, "enforce_eager": True,
     "seed": 7, "poll_interval_s": 0.5, "adapter_cache_dir": "/srv/lp/adapters",
     "adapter_cache_bytes": 3 << 40, "preload": ["bot:prod", "sql@3"], "lora_prefetch": False,
-    "lora_slot_gate": True, "lora_slot_deadline_s": 1.5,
+    "lora_slot_gate": True, "lora_slot_deadline_s": 1.5, "auto_pin": 8, "auto_pin_window": 500,
     "max_queue": 512,
     "drain_timeout_s": 45.5, "tensor_parallel_size": 2, "pipeline_parallel_size": 2,
     "quantization": "fp8", "kv_cache_dtype": "fp8_e4m3", "max_num_batched_tokens": 16384,

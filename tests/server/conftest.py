@@ -84,7 +84,10 @@ def served(toy_model_dir, test_loras, tmp_path_factory) -> Served:
     registry = toy_registry(home, toy_model_dir)
     for name, path in test_loras.items():
         registry.push(path, name, base="toy")
-    with serving(toy_model_dir, home, registry) as s:
+    # Automatic pins on, over a short window: every test on this server (the churn test among
+    # them) also runs while pins are made and released under its traffic.
+    with serving(toy_model_dir, home, registry, LORAPLEX_AUTO_PIN="2",
+                 LORAPLEX_AUTO_PIN_WINDOW="40") as s:
         yield s
 
 

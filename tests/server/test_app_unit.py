@@ -72,6 +72,9 @@ class FakeEngine:
     async def pin_lora(self, lora):
         pass
 
+    async def unpin_lora(self, lora):
+        pass
+
     async def lora_residency(self):
         return {i: {"host", "accelerator"} for i in self.loras}
 

@@ -158,3 +158,10 @@ def test_answers_stay_right_while_adapters_churn(served, test_loras, task_prompt
              if line.startswith(f'loraplex_engine_adapter_reads_total{{how="{how}"}}')}
     print(f"engine adapter reads: {reads}")
     assert reads["prefetched"] > 0, reads
+    # ... and while the server's automatic pins (auto_pin 2 over the last 40 requests, see the
+    # `served` fixture) followed the traffic: made, released, and unloaded with their versions.
+    pins = {a: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+            for a in ("pin", "unpin")
+            if line.startswith(f'loraplex_auto_pin_changes_total{{action="{a}"}}')}
+    print(f"automatic pins: {pins}")
+    assert pins.get("pin", 0) > 0 and pins.get("unpin", 0) > 0, pins

@@ -303,6 +303,8 @@ def test_admin_registers_an_uploaded_archive_then_pins_it(served, test_loras):
     r = httpx.post(f"{served.url}/admin/adapters/{name}:prod/pin", headers=admin, timeout=60)
     assert r.status_code == 200 and r.json() == {"pinned": f"{name}@1"}
     assert ask(c, f"{name}:prod", "cat dog") == ask(c, "upper", "cat dog")
+    pin_series = f'loraplex_adapter_resident{{adapter="{name}",tier="pinned",version="1"}} 1.0'
+    assert pin_series in httpx.get(served.url + "/metrics").text  # as vLLM's worker holds it
     # With the pin held, steps that batch max_loras (2) *other* adapters still run and answer
     # right. vLLM's own pin also took a batch slot its scheduler did not know about: the first
     # such step killed the engine (KeyError in convert_mapping).
@@ -310,6 +312,11 @@ def test_admin_registers_an_uploaded_archive_then_pins_it(served, test_loras):
         jobs = [(key, pool.submit(ask, c, *key)) for key in list(alone) * 2]
         wrong = [(key, job.result()) for key, job in jobs if job.result() != alone[key]]
     assert not wrong, wrong
+    # Released in the worker (nothing re-read); the adapter still answers the same.
+    r = httpx.post(f"{served.url}/admin/adapters/{name}@1/unpin", headers=admin, timeout=60)
+    assert r.status_code == 200 and r.json() == {"unpinned": f"{name}@1"}
+    assert pin_series not in httpx.get(served.url + "/metrics").text
+    assert ask(c, f"{name}:prod", "cat dog") == ask(c, "upper", "cat dog")
     # a link or a path escaping the archive is refused, and nothing is registered
     evil = io.BytesIO()
     with tarfile.open(fileobj=evil, mode="w:gz") as tar:
