@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.engine
 
@@ -153,15 +154,17 @@ def test_answers_stay_right_while_adapters_churn(served, test_loras, task_prompt
     # evicted adapters went through the prefetch path (a worker thread, started as their
     # requests arrived: server/lora_manager.py `_prefetch`), and none of them changed an answer.
     metrics = httpx.get(f"{served.url}/metrics", headers=headers).text
-    reads = {how: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-             for how in ("prefetched", "blocking")
-             if line.startswith(f'loraplex_engine_adapter_reads_total{{how="{how}"}}')}
+    reads = by_label(metrics, "loraplex_engine_adapter_reads_total", "how")
     print(f"engine adapter reads: {reads}")
     assert reads["prefetched"] > 0, reads
     # ... and while the server's automatic pins (auto_pin 2 over the last 40 requests, see the
     # `served` fixture) followed the traffic: made, released, and unloaded with their versions.
-    pins = {a: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-            for a in ("pin", "unpin")
-            if line.startswith(f'loraplex_auto_pin_changes_total{{action="{a}"}}')}
+    pins = by_label(metrics, "loraplex_auto_pin_changes_total", "action")
     print(f"automatic pins: {pins}")
     assert pins.get("pin", 0) > 0 and pins.get("unpin", 0) > 0, pins
+
+
+def by_label(metrics: str, sample: str, label: str) -> dict[str, float]:
+    """The values of one counter's samples in a /metrics text, by the value of `label`."""
+    return {s.labels[label]: s.value for fam in text_string_to_metric_families(metrics)
+            for s in fam.samples if s.name == sample}
