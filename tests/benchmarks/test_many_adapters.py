@@ -148,7 +148,7 @@ def test_report_renders_every_table():
                            requests=60, ranks="8,16", max_tokens=16, rounds=2, warm_rounds=1)
     out = ma.report(a, res, "test machine", ma.EngineArgs(), 20, 1.0,
                     [f"a{i % 20:02d}" for i in range(60)])
-    assert "| loraplex ÷ vLLM, Zipf: tok/s | 2.000 | ≥ 1.1 |" in out
+    assert "| loraplex ÷ vLLM, Zipf: tok/s | 2.000 | ≥ 1.1 | 2.00 2.00 |" in out
     assert "| loraplex ÷ vLLM, Zipf: TTFT p99 | 0.500 | ≤ 0.8 |" in out
     assert "| 10 | a18–a19 |" in out
     assert "after the first wave" in out
